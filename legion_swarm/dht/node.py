@@ -1,0 +1,87 @@
+"""The swarm's view of the Kademlia DHT: hivemind's ``DHTNode`` on our host, signed subkey records only.
+
+Writers can only write their own subkey (see :mod:`legion_swarm.dht.validator`); readers get typed,
+schema-checked records and silently lose nothing but malformed entries, which are logged and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from hivemind.dht import DHTNode
+from hivemind.dht.routing import get_dht_time
+
+from legion_swarm.config import DHTConfig
+from legion_swarm.dht.records import PeerRecord, parse_record
+from legion_swarm.dht.validator import SignedSubkeyValidator
+from legion_swarm.errors import PeerUnreachableError, RecordError
+from legion_swarm.transport.host import Host
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Found:
+    """A record read from the DHT with its expiration (DHT time, seconds since the epoch)."""
+
+    record: PeerRecord
+    expires_at: float
+
+
+class SwarmDHT:
+    """A ``DHTNode`` bound to one :class:`Host`. Build with :meth:`create`, release with :meth:`aclose`."""
+
+    def __init__(self, node: DHTNode, host: Host, config: DHTConfig):
+        self.node = node
+        self.host = host
+        self.config = config
+
+    @classmethod
+    async def create(cls, host: Host, config: DHTConfig) -> SwarmDHT:
+        initial = list(host.config.initial_peers)
+        try:
+            node = await DHTNode.create(
+                p2p=host.p2p,
+                initial_peers=initial or None,
+                client_mode=host.config.client_mode,
+                record_validator=SignedSubkeyValidator(host.identity),
+                wait_timeout=config.wait_timeout_s,
+                num_replicas=config.num_replicas,
+                bucket_size=config.bucket_size,
+            )
+        except RuntimeError as e:  # hivemind: "DHTNode bootstrap failed: none of the initial_peers responded"
+            raise PeerUnreachableError(f"no initial peer answered DHT pings: {', '.join(initial)}") from e
+        return cls(node, host, config)
+
+    async def store_own(self, key: str, record: dict[str, Any], expires_at: float) -> bool:
+        """Write ``record`` under ``key`` at this peer's own subkey; True if at least one replica took it."""
+        return bool(await self.node.store(key, record, expires_at, subkey=self.host.peer_id))
+
+    async def read_all(self, key: str) -> dict[str, Found]:
+        """All live, valid records under ``key`` by owner peer id (latest version of each)."""
+        result = await self.node.get(key, latest=True)
+        if result is None or not isinstance(result.value, dict):
+            return {}
+        now = get_dht_time()
+        found: dict[str, Found] = {}
+        for owner, item in result.value.items():
+            if item.expiration_time <= now:
+                continue
+            try:
+                record = parse_record(item.value)
+                if record.peer_id != owner:
+                    raise RecordError("peer_id field differs from the subkey")
+            except RecordError as e:
+                logger.warning("ignoring malformed record under %s/%s: %s", key, str(owner)[:16], e)
+                continue
+            found[owner] = Found(record, item.expiration_time)
+        return found
+
+    async def aclose(self) -> None:
+        await self.node.shutdown()
+
+
+dht_time = get_dht_time
+"""Current DHT time (Unix seconds); nodes whose clocks differ by more than 3 s reject each other's records."""

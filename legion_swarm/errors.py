@@ -1,0 +1,55 @@
+"""One exception tree for everything legion-swarm raises on purpose.
+
+::
+
+    LegionError
+    ├── ConfigError                 bad user input: flags, files, names (CLI exit code 2)
+    │   ├── IdentityError           identity key file unreadable, malformed or of the wrong type
+    │   ├── AddressInUseError       the listen port is taken
+    │   └── SwarmMismatchError      the entry peer serves another swarm
+    ├── NetworkError                the network did not cooperate (CLI exit code 1)
+    │   ├── PeerUnreachableError    none of the initial peers answered in time
+    │   └── ProtocolError           a peer sent a malformed, oversized or unexpected message
+    └── RecordError                 a DHT record failed its schema or signature check
+
+Failures that are part of normal operation (a peer that vanished mid-round, a record that expired)
+come back as values, not exceptions.
+"""
+
+from __future__ import annotations
+
+
+class LegionError(Exception):
+    """Base of every error raised on purpose by legion-swarm."""
+
+
+class ConfigError(LegionError, ValueError):
+    """A configuration value, flag, or file given by the user is invalid."""
+
+
+class IdentityError(ConfigError):
+    """The identity (libp2p private key) file cannot be read, parsed, or written."""
+
+
+class AddressInUseError(ConfigError):
+    """The requested listen address is already taken by another process."""
+
+
+class SwarmMismatchError(ConfigError):
+    """An entry peer belongs to a different swarm than the one requested."""
+
+
+class NetworkError(LegionError):
+    """The network did not let an operation complete."""
+
+
+class PeerUnreachableError(NetworkError):
+    """None of the given initial peers could be reached."""
+
+
+class ProtocolError(NetworkError):
+    """A peer sent a malformed, oversized, truncated or unexpected message."""
+
+
+class RecordError(LegionError, ValueError):
+    """A DHT record is malformed, fails its schema, or carries a bad signature."""

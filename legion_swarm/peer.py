@@ -1,0 +1,182 @@
+"""``SwarmPeer``: one process's membership in a swarm: libp2p host, DHT node, heartbeat.
+
+::
+
+    async with await SwarmPeer.create(PeerConfig(host=HostConfig(initial_peers=(maddr,)))) as peer:
+        view = await peer.view()
+
+Everything runs in-process on the current event loop (uvloop in the CLI). ``create`` either returns a
+fully joined peer or raises having released everything; ``aclose`` always releases everything, even when a
+step of it fails, within ``close_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+from legion_swarm.config import DEFAULT_SWARM, PeerConfig
+from legion_swarm.dht.membership import Membership, read_members, say_hello, serve_hello
+from legion_swarm.dht.node import Found, SwarmDHT, dht_time
+from legion_swarm.dht.records import PeerRecord
+from legion_swarm.errors import PeerUnreachableError, SwarmMismatchError
+from legion_swarm.transport.host import Host, short_peer_id
+from legion_swarm.transport.identity import Identity
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One live member as seen by a reader."""
+
+    record: PeerRecord
+    expires_at: float
+    last_seen_s: float
+
+
+@dataclass(frozen=True)
+class SwarmView:
+    """A snapshot of a swarm's membership, read from the DHT."""
+
+    swarm: str
+    members: tuple[Member, ...]
+    read_at: float
+    """Unix time of the read."""
+    read_s: float
+    """How long the DHT read took, in seconds."""
+
+
+def _peer_id_of_maddr(maddr: str) -> str:
+    return maddr.rsplit("/p2p/", 1)[1]
+
+
+class SwarmPeer:
+    """A member (or, with ``role="observer"``, a silent reader) of one swarm."""
+
+    def __init__(self, config: PeerConfig, host: Host, swarm: str):
+        self.config = config
+        self.host = host
+        self.swarm = swarm
+        self.dht: SwarmDHT | None = None
+        self.membership: Membership | None = None
+        self.maddrs: list[str] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    @property
+    def peer_id(self) -> str:
+        return self.host.peer_id
+
+    @property
+    def tag(self) -> str:
+        return short_peer_id(self.peer_id)
+
+    @classmethod
+    async def create(cls, config: PeerConfig, *, identity: Identity | None = None) -> SwarmPeer:
+        """Start the daemon, check the entry peers' swarm, join the DHT and publish our first record.
+
+        Raises :class:`PeerUnreachableError` if no initial peer answers, :class:`SwarmMismatchError` if one
+        serves another swarm, :class:`~legion_swarm.errors.AddressInUseError` if the port is taken, and
+        ``TimeoutError`` past ``join_timeout_s``.
+        """
+        host = await asyncio.wait_for(Host.create(config.host, identity), config.join_timeout_s)
+        started = time.monotonic()
+        try:
+            swarm = await cls._check_entry_peers(host, config)
+            self = cls(config, host, swarm)
+            remaining = config.join_timeout_s - (time.monotonic() - started)
+            await asyncio.wait_for(self._join(), max(remaining, config.dht.wait_timeout_s))
+        except BaseException:
+            await host.aclose()
+            raise
+        return self
+
+    @staticmethod
+    async def _check_entry_peers(host: Host, config: PeerConfig) -> str:
+        wanted = config.membership.swarm
+        if not config.host.initial_peers:
+            return wanted or DEFAULT_SWARM
+        peer_ids = list(dict.fromkeys(_peer_id_of_maddr(m) for m in config.host.initial_peers))
+        replies = await asyncio.gather(
+            *(say_hello(host, p, wanted, timeout=config.dht.wait_timeout_s) for p in peer_ids),
+            return_exceptions=True,
+        )
+        hellos = []
+        for peer_id, reply in zip(peer_ids, replies):
+            if isinstance(reply, Exception):  # unreachable, timed out, or spoke garbage
+                logger.info("[%s] entry peer %s did not answer hello: %s", host.short_id, peer_id[-8:], reply)
+            elif isinstance(reply, BaseException):
+                raise reply
+            else:
+                hellos.append(reply)
+        if not hellos:
+            raise PeerUnreachableError(
+                f"none of the initial peers answered: {', '.join(config.host.initial_peers)}"
+            )
+        swarms = {h.swarm for h in hellos}
+        if wanted is not None and swarms != {wanted}:
+            other = next(h for h in hellos if h.swarm != wanted)
+            raise SwarmMismatchError(
+                f"peer {other.peer_id} belongs to swarm {other.swarm!r}, not {wanted!r} "
+                f"(omit --swarm to join the peer's swarm)"
+            )
+        if len(swarms) > 1:
+            raise SwarmMismatchError(f"the initial peers belong to different swarms: {sorted(swarms)}")
+        return swarms.pop()
+
+    async def _join(self) -> None:
+        role = self.config.membership.role
+        if role != "observer":
+            await serve_hello(self.host, self.swarm, role)
+        self.dht = await SwarmDHT.create(self.host, self.config.dht)
+        self.maddrs = await self.host.maddrs()
+        if role != "observer":
+            self.membership = Membership(self.dht, self.config.membership, self.swarm, self.maddrs)
+            if not await self.membership.publish():
+                # A swarm's first node stores on itself, so this means its entry peers refused us.
+                logger.warning("[%s] first record was stored on no replica", self.tag)
+            self._tasks.append(asyncio.create_task(self.membership.run(), name=f"heartbeat-{self.tag}"))
+        logger.info("[%s] joined swarm %r as %s", self.tag, self.swarm, role)
+
+    async def view(self) -> SwarmView:
+        """Read the swarm's live members from the DHT."""
+        assert self.dht is not None, "SwarmPeer is not joined"
+        t0 = time.perf_counter()
+        found: list[Found] = await read_members(self.dht, self.swarm)
+        now = dht_time()
+        members = tuple(Member(f.record, f.expires_at, max(0.0, now - f.record.sent_at)) for f in found)
+        return SwarmView(self.swarm, members, now, time.perf_counter() - t0)
+
+    async def aclose(self) -> None:
+        """Announce departure, stop the heartbeat, leave the DHT, stop the daemon (idempotent, bounded)."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        budget = self.config.close_timeout_s
+        try:
+            if self.membership is not None:
+                try:
+                    await asyncio.wait_for(self.membership.leave(), budget / 2)
+                except (Exception, asyncio.TimeoutError) as e:  # departure notice is best effort
+                    logger.info("[%s] departure notice not stored: %s", self.tag, e)
+            if self.dht is not None:
+                with contextlib.suppress(Exception, asyncio.TimeoutError):
+                    await asyncio.wait_for(self.dht.aclose(), budget / 4)
+        finally:
+            await self.host.aclose()
+        logger.info("[%s] left swarm %r", self.tag, self.swarm)
+
+    async def __aenter__(self) -> SwarmPeer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

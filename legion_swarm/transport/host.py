@@ -1,0 +1,164 @@
+"""The libp2p host: one ``p2pd`` daemon per process, driven through hivemind's asyncio ``P2P``.
+
+Guarantees on top of ``P2P.create``:
+
+- the daemon always runs with an identity we hold (so we can sign with the key behind our peer id);
+  without ``identity_path`` a fresh key lives in a private temporary file only while the daemon starts;
+- the daemon dies with this process even on SIGKILL (``PR_SET_PDEATHSIG``), never left as an orphan;
+- TCP only (QUIC loses data in hivemind's streaming handlers, see DESIGN.md);
+- daemon start-up failures become :mod:`legion_swarm.errors` exceptions with one-line messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from hivemind.p2p import P2P, P2PDaemonError, PeerID
+
+from legion_swarm.config import HostConfig
+from legion_swarm.errors import AddressInUseError, NetworkError, PeerUnreachableError
+from legion_swarm.transport.identity import Identity
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the forked child, before exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # If the parent died between fork and prctl, nobody will send the signal: leave now.
+    if os.getppid() == 1:
+        os._exit(1)
+
+
+def _install_pdeathsig_hook() -> None:
+    """Make every ``p2pd`` that hivemind spawns die with us.
+
+    hivemind starts ``p2pd`` through ``asyncio.subprocess.create_subprocess_exec`` without a way to pass
+    ``preexec_fn``; we wrap that function once, acting only on the ``p2pd`` executable. Without it a
+    SIGKILLed peer leaves its daemon running for about two seconds, or longer if its pipes stay open.
+    """
+    current = asyncio.subprocess.create_subprocess_exec
+    if getattr(current, "_legion_pdeathsig", False):
+        return
+
+    async def create_subprocess_exec(program: Any, *args: Any, **kwargs: Any) -> Any:
+        if os.path.basename(str(program)) == "p2pd" and "preexec_fn" not in kwargs:
+            kwargs["preexec_fn"] = _die_with_parent
+        return await current(program, *args, **kwargs)
+
+    create_subprocess_exec._legion_pdeathsig = True  # type: ignore[attr-defined]
+    asyncio.subprocess.create_subprocess_exec = create_subprocess_exec  # type: ignore[assignment]
+
+
+def _translate(error: Exception, config: HostConfig) -> Exception:
+    text = str(error)
+    if "address already in use" in text:
+        return AddressInUseError(f"cannot listen on {config.listen_maddr}: address already in use")
+    if "bootstrap peers" in text:
+        return PeerUnreachableError(
+            f"none of the initial peers is reachable: {', '.join(config.initial_peers)}"
+        )
+    first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return NetworkError(f"libp2p daemon failed: {first_line}")
+
+
+class Host:
+    """A running ``p2pd`` with our identity. Build with :meth:`create`, release with :meth:`aclose`."""
+
+    def __init__(self, p2p: P2P, identity: Identity, config: HostConfig):
+        self.p2p = p2p
+        self.identity = identity
+        self.config = config
+        self.peer_id: str = identity.peer_id
+        self._closed = False
+
+    @classmethod
+    async def create(cls, config: HostConfig, identity: Identity | None = None) -> Host:
+        """Start the daemon. ``identity`` defaults to the config's key file, or a fresh key."""
+        _install_pdeathsig_hook()
+        user_key_file = identity is None and config.identity_path is not None
+        if identity is None:
+            identity = (
+                Identity.load_or_create(config.identity_path) if config.identity_path else Identity.generate()
+            )
+        with contextlib.ExitStack() as stack:
+            if user_key_file:
+                key_path = str(config.identity_path)
+            else:
+                key_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="legion-id-"))
+                key_path = os.path.join(key_dir, "identity.key")
+                identity.save(key_path)
+            try:
+                p2p = await P2P.create(
+                    initial_peers=list(config.initial_peers) or None,
+                    host_maddrs=[config.listen_maddr],
+                    announce_maddrs=list(config.announce) or None,
+                    identity_path=key_path,
+                    dht_mode="client" if config.client_mode else "server",
+                    startup_timeout=config.startup_timeout_s,
+                    # A key held only by this process cannot be in use elsewhere; a user's key file can
+                    # (the same file given to two peers), which hivemind detects by dialling it.
+                    check_if_identity_free=user_key_file,
+                    nat_port_map=config.upnp,
+                )
+            except P2PDaemonError as e:
+                raise _translate(e, config) from None
+        if p2p.peer_id.to_base58() != identity.peer_id:
+            await p2p.shutdown()
+            raise NetworkError("p2pd reports a different peer id than our identity file (corrupt key?)")
+        host = cls(p2p, identity, config)
+        logger.debug("[%s] p2pd started (pid %s)", host.short_id, host.daemon_pid)
+        return host
+
+    @property
+    def short_id(self) -> str:
+        return short_peer_id(self.peer_id)
+
+    @property
+    def daemon_pid(self) -> int | None:
+        child = getattr(self.p2p, "_child", None)
+        return child.pid if child is not None else None
+
+    async def maddrs(self) -> list[str]:
+        """Full, dialable multiaddrs of this peer (``/ip4/A/tcp/P/p2p/<id>``), announce addresses first."""
+        visible = {str(m) for m in await self.p2p.get_visible_maddrs(latest=True)}
+        announced = tuple(self.config.announce)
+        return sorted(visible, key=lambda m: (not m.startswith(announced) if announced else False, m))
+
+    async def add_stream_handler(self, name: str, handler: Callable[..., Any]) -> None:
+        await self.p2p.add_binary_stream_handler(name, handler)
+
+    async def open_stream(
+        self, peer_id: str, name: str
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), name)
+        return reader, writer
+
+    async def aclose(self) -> None:
+        """Stop the daemon and wait for it to exit (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.p2p.shutdown()
+        logger.debug("[%s] p2pd stopped", self.short_id)
+
+    async def __aenter__(self) -> Host:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def short_peer_id(peer_id: str) -> str:
+    """Last 8 characters: enough to tell peers apart in logs and tables."""
+    return peer_id[-8:]
