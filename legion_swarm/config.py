@@ -137,7 +137,7 @@ class MembershipConfig:
     swarm: str | None = DEFAULT_SWARM
     """Swarm name; records live under ``legion/<swarm>/...``. ``None``: adopt the entry peer's swarm."""
     role: str = "peer"
-    """``bootstrap`` (stable entry point), ``peer`` (trains) or ``observer`` (reads only, publishes nothing)."""
+    """``bootstrap`` (stable entry point), ``peer`` (trains), ``observer`` (reads, publishes nothing)."""
     heartbeat_s: float = 5.0
     """Seconds between refreshes of this peer's record."""
     ttl_heartbeats: float = 3.0

@@ -106,7 +106,7 @@ class SwarmPeer:
             return_exceptions=True,
         )
         hellos = []
-        for peer_id, reply in zip(peer_ids, replies):
+        for peer_id, reply in zip(peer_ids, replies, strict=True):
             if isinstance(reply, Exception):  # unreachable, timed out, or spoke garbage
                 logger.info("[%s] entry peer %s did not answer hello: %s", host.short_id, peer_id[-8:], reply)
             elif isinstance(reply, BaseException):
@@ -114,9 +114,7 @@ class SwarmPeer:
             else:
                 hellos.append(reply)
         if not hellos:
-            raise PeerUnreachableError(
-                f"none of the initial peers answered: {', '.join(config.host.initial_peers)}"
-            )
+            raise PeerUnreachableError(f"none of the initial peers answered: {', '.join(config.host.initial_peers)}")
         swarms = {h.swarm for h in hellos}
         if wanted is not None and swarms != {wanted}:
             other = next(h for h in hellos if h.swarm != wanted)

@@ -65,9 +65,7 @@ def _translate(error: Exception, config: HostConfig) -> Exception:
     if "address already in use" in text:
         return AddressInUseError(f"cannot listen on {config.listen_maddr}: address already in use")
     if "bootstrap peers" in text:
-        return PeerUnreachableError(
-            f"none of the initial peers is reachable: {', '.join(config.initial_peers)}"
-        )
+        return PeerUnreachableError(f"none of the initial peers is reachable: {', '.join(config.initial_peers)}")
     first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
     return NetworkError(f"libp2p daemon failed: {first_line}")
 
@@ -88,9 +86,7 @@ class Host:
         _install_pdeathsig_hook()
         user_key_file = identity is None and config.identity_path is not None
         if identity is None:
-            identity = (
-                Identity.load_or_create(config.identity_path) if config.identity_path else Identity.generate()
-            )
+            identity = Identity.load_or_create(config.identity_path) if config.identity_path else Identity.generate()
         with contextlib.ExitStack() as stack:
             if user_key_file:
                 key_path = str(config.identity_path)
@@ -138,9 +134,7 @@ class Host:
     async def add_stream_handler(self, name: str, handler: Callable[..., Any]) -> None:
         await self.p2p.add_binary_stream_handler(name, handler)
 
-    async def open_stream(
-        self, peer_id: str, name: str
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def open_stream(self, peer_id: str, name: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), name)
         return reader, writer
 

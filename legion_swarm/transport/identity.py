@@ -146,7 +146,9 @@ class Identity:
 
     def to_bytes(self) -> bytes:
         der = self._key.private_bytes(
-            serialization.Encoding.DER, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
         )
         return encode_key_message(_KEY_TYPE_RSA, der)
 

@@ -1,0 +1,3 @@
+from legion_swarm.cli import main
+
+raise SystemExit(main())

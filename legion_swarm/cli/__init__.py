@@ -1,0 +1,207 @@
+"""``legion-swarm``: bootstrap | join | status | simulate.
+
+Exit codes: 0 success; 1 the network failed us (unreachable peers, a timeout); 2 bad input (flags, files,
+names, a taken port, a swarm mismatch); 130 interrupted. Errors are one line; ``--debug`` adds tracebacks.
+Heavy imports (hivemind, torch) happen only after the arguments parse, so mistakes fail fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from typing import NoReturn
+
+from legion_swarm import __version__
+from legion_swarm.config import DEFAULT_BOOTSTRAP_PORT, DEFAULT_SWARM, validate_multiaddr, validate_swarm_name
+from legion_swarm.errors import ConfigError, LegionError
+
+logger = logging.getLogger("legion_swarm.cli")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _checked(validate, what: str):
+    def convert(text: str):
+        try:
+            return validate(text)
+        except (ConfigError, ValueError) as e:
+            raise argparse.ArgumentTypeError(str(e) or f"bad {what}: {text!r}") from None
+
+    convert.__name__ = what
+    return convert
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise ValueError(f"bad port {text!r}: expected 0-65535")
+    return int(text)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _peers_count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise ValueError(f"bad peer count {text!r}: expected 1-64")
+    return int(text)
+
+
+_dial_maddr = _checked(lambda t: validate_multiaddr(t, require_peer_id=True, allow_port_zero=False), "multiaddr")
+_announce_maddr = _checked(lambda t: validate_multiaddr(t, require_peer_id=False, allow_port_zero=False), "multiaddr")
+_swarm_name = _checked(validate_swarm_name, "swarm name")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="legion-swarm", description="Train language models together across the internet.")
+    parser.add_argument("--version", action="version", version=f"legion-swarm {__version__}")
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="verbose logs and full tracebacks")
+    common.add_argument("--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    def listening(p: argparse.ArgumentParser, default_port: int) -> None:
+        p.add_argument("--host", default="0.0.0.0", help="IP address to listen on (default: %(default)s)")
+        p.add_argument(
+            "--port",
+            type=_checked(_port, "port"),
+            default=default_port,
+            help="TCP port to listen on, 0 for any free port (default: %(default)s)",
+        )
+        p.add_argument(
+            "--identity",
+            metavar="PATH",
+            help="private key file: same file, same peer id "
+            "(created with mode 0600 if missing; default: a new key each run)",
+        )
+        p.add_argument(
+            "--announce",
+            metavar="MADDR",
+            action="append",
+            type=_announce_maddr,
+            help="address others should dial, e.g. /ip4/PUBLIC_IP/tcp/PORT behind NAT (repeatable)",
+        )
+        p.add_argument("--upnp", action="store_true", help="ask the router for a port mapping (UPnP/NAT-PMP)")
+        p.add_argument(
+            "--heartbeat",
+            metavar="SECONDS",
+            type=_checked(_positive_float, "seconds"),
+            default=5.0,
+            help="seconds between record refreshes; a dead peer vanishes in ~3 (default: %(default)s)",
+        )
+        p.add_argument(
+            "--report-every",
+            metavar="SECONDS",
+            type=_checked(_positive_float, "seconds"),
+            default=30.0,
+            help="log the swarm size this often (default: %(default)s)",
+        )
+
+    p = sub.add_parser("bootstrap", parents=[common], help="run a stable entry node for a swarm")
+    p.add_argument("--swarm", type=_swarm_name, default=DEFAULT_SWARM, help="swarm name (default: %(default)s)")
+    listening(p, DEFAULT_BOOTSTRAP_PORT)
+
+    p = sub.add_parser("join", parents=[common], help="join a swarm through any of its peers")
+    p.add_argument(
+        "--peer",
+        metavar="MADDR",
+        action="append",
+        required=True,
+        type=_dial_maddr,
+        help="full multiaddr of a swarm member, /ip4/A/tcp/P/p2p/ID (repeatable)",
+    )
+    p.add_argument("--swarm", type=_swarm_name, help="swarm to join (default: the entry peer's swarm)")
+    listening(p, 0)
+
+    p = sub.add_parser("status", parents=[common], help="show a swarm's members (never joins as a member)")
+    p.add_argument(
+        "--peer",
+        metavar="MADDR",
+        action="append",
+        required=True,
+        type=_dial_maddr,
+        help="full multiaddr of a swarm member (repeatable)",
+    )
+    p.add_argument("--swarm", type=_swarm_name, help="swarm to show (default: the entry peer's swarm)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument(
+        "--watch",
+        metavar="SECONDS",
+        type=_checked(_positive_float, "seconds"),
+        help="refresh every SECONDS until Ctrl+C",
+    )
+
+    p = sub.add_parser("simulate", parents=[common], help="run a bootstrap and N peer processes on this machine")
+    p.add_argument("--peers", type=_checked(_peers_count, "count"), default=3, help="peer processes (default: 3)")
+    p.add_argument("--swarm", type=_swarm_name, default="local", help="swarm name (default: %(default)s)")
+    p.add_argument(
+        "--heartbeat",
+        metavar="SECONDS",
+        type=_checked(_positive_float, "seconds"),
+        default=1.0,
+        help="peers' heartbeat (default: %(default)s)",
+    )
+    p.add_argument(
+        "--duration",
+        metavar="SECONDS",
+        type=float,
+        default=0.0,
+        help="keep the swarm up this long after it formed (default: shut down at once)",
+    )
+    return parser
+
+
+def setup_logging(debug: bool, quiet: bool) -> None:
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(show_path=debug, rich_tracebacks=debug)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    os.environ.setdefault("GOLOG_LOG_LEVEL", "debug" if debug else "error")  # p2pd's own logs
+    from hivemind.utils.logging import use_hivemind_log_handler
+
+    use_hivemind_log_handler("nowhere")  # hivemind's records flow through our handler
+    logging.getLogger("hivemind").setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
+def _run(coro) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but not on every platform
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = args.debug
+    try:
+        setup_logging(debug, args.quiet)
+        from legion_swarm.cli.commands import COMMANDS
+
+        return _run(COMMANDS[args.command](args))
+    except KeyboardInterrupt:
+        return 130
+    except (ConfigError, LegionError, asyncio.TimeoutError) as e:
+        if debug:
+            logger.exception("%s failed", args.command)
+        code = 2 if isinstance(e, ConfigError) else 1
+        message = str(e) or "timed out"
+        print(f"legion-swarm {args.command}: error: {message}", file=sys.stderr)
+        return code

@@ -1,0 +1,233 @@
+"""A real swarm on one machine: a bootstrap node and N peers, each its own OS process and ``p2pd``.
+
+Used by ``legion-swarm simulate``, the integration tests and the notebooks. Every process is started as
+``python -m legion_swarm ...`` on 127.0.0.1 with port 0, and :meth:`LocalSwarm.aclose` reaps every one of
+them and their ``p2pd`` daemons (SIGTERM, then SIGKILL after a grace period), whatever state they are in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+import sys
+from collections import deque
+from dataclasses import dataclass, field
+
+from legion_swarm.errors import NetworkError
+
+logger = logging.getLogger(__name__)
+
+MADDR_RE = re.compile(r"(/ip[46]/\S+/tcp/\d+/p2p/[1-9A-HJ-NP-Za-km-z]+)")
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid`` (Linux ``/proc``); empty if the process is gone."""
+    pids: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children") as f:
+                pids.extend(int(p) for p in f.read().split())
+    return pids
+
+
+def process_name(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@dataclass
+class PeerProcess:
+    """One ``legion-swarm bootstrap|join`` process and what it printed."""
+
+    name: str
+    argv: list[str]
+    proc: asyncio.subprocess.Process
+    maddrs: list[str] = field(default_factory=list)
+    daemon_pids: list[int] = field(default_factory=list)
+    output: deque[str] = field(default_factory=lambda: deque(maxlen=400))
+    _drain: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def maddr(self) -> str:
+        return self.maddrs[0]
+
+    @property
+    def peer_id(self) -> str:
+        return self.maddr.rsplit("/p2p/", 1)[1]
+
+    @property
+    def running(self) -> bool:
+        return self.proc.returncode is None
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(list(self.output)[-lines:])
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float) -> int | None:
+        """Exit code, or None if still running after ``timeout`` seconds."""
+        try:
+            return await asyncio.wait_for(self.proc.wait(), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+
+async def start_process(name: str, argv: list[str], *, ready_timeout: float = 30.0) -> PeerProcess:
+    """Start ``python -m legion_swarm *argv`` and wait until it prints its multiaddrs.
+
+    stdout and stderr are merged and drained continuously into ``PeerProcess.output`` (a full pipe would
+    otherwise block the child). Raises :class:`NetworkError` with the child's last output if it exits or
+    prints no address within ``ready_timeout``.
+    """
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "legion_swarm", *argv,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env=env,
+    )  # fmt: skip
+    peer = PeerProcess(name, argv, proc)
+    ready = asyncio.get_running_loop().create_future()
+
+    async def drain() -> None:
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            peer.output.append(line)
+            match = MADDR_RE.search(line)
+            if match and not ready.done() and line.lstrip().startswith("/"):
+                peer.maddrs.append(match.group(1))
+            if line.strip() == "" and peer.maddrs and not ready.done():
+                ready.set_result(None)  # the address block ends with a blank line
+        if not ready.done():
+            ready.set_result(None)
+
+    peer._drain = asyncio.create_task(drain(), name=f"drain-{name}")
+    try:
+        await asyncio.wait_for(asyncio.shield(ready), ready_timeout)
+    except asyncio.TimeoutError:
+        pass
+    if not peer.maddrs or not peer.running:
+        await stop_process(peer)
+        raise NetworkError(f"{name} did not start (exit code {proc.returncode}):\n{peer.tail()}")
+    peer.daemon_pids = [p for p in child_pids(peer.pid) if process_name(p) == "p2pd"]
+    return peer
+
+
+async def stop_process(peer: PeerProcess, *, sig: int = signal.SIGTERM, grace: float = 8.0) -> int | None:
+    """Signal ``peer``, wait ``grace`` seconds, SIGKILL if needed; also kill any leftover ``p2pd``."""
+    if peer.running:
+        peer.signal(sig)
+        if await peer.wait(grace) is None:
+            logger.warning("%s ignored signal %s for %.0f s; killing it", peer.name, sig, grace)
+            peer.signal(signal.SIGKILL)
+            await peer.wait(grace)
+    for pid in peer.daemon_pids:  # PR_SET_PDEATHSIG should have done this already
+        if pid_alive(pid):
+            logger.warning("%s left p2pd %d running; killing it", peer.name, pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    if peer._drain is not None:
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(peer._drain, 2)
+    return peer.proc.returncode
+
+
+class LocalSwarm:
+    """A bootstrap node plus peers as processes on 127.0.0.1. Build with :meth:`create`, end with :meth:`aclose`."""
+
+    def __init__(self, swarm: str, heartbeat_s: float, extra_args: tuple[str, ...]):
+        self.swarm = swarm
+        self.heartbeat_s = heartbeat_s
+        self.extra_args = extra_args
+        self.bootstrap: PeerProcess | None = None
+        self.peers: list[PeerProcess] = []
+        self.retired: list[PeerProcess] = []
+
+    @classmethod
+    async def create(
+        cls,
+        n_peers: int,
+        *,
+        swarm: str = "local",
+        heartbeat_s: float = 1.0,
+        extra_args: tuple[str, ...] = (),
+        bootstrap_identity: str | None = None,
+    ) -> LocalSwarm:
+        self = cls(swarm, heartbeat_s, extra_args)
+        try:
+            await self.start_bootstrap(identity=bootstrap_identity)
+            await asyncio.gather(*(self.add_peer() for _ in range(n_peers)))
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    def _common(self) -> list[str]:
+        return ["--host", "127.0.0.1", "--port", "0", "--heartbeat", str(self.heartbeat_s), *self.extra_args]
+
+    async def start_bootstrap(self, *, identity: str | None = None) -> PeerProcess:
+        argv = ["bootstrap", "--swarm", self.swarm, *self._common()]
+        if identity:
+            argv += ["--identity", identity]
+        self.bootstrap = await start_process("bootstrap", argv)
+        return self.bootstrap
+
+    async def add_peer(self, *, entry: str | None = None, identity: str | None = None) -> PeerProcess:
+        """Start one more ``join`` process through ``entry`` (default: the bootstrap's address)."""
+        if entry is None:
+            assert self.bootstrap is not None
+            entry = self.bootstrap.maddr
+        argv = ["join", "--peer", entry, "--swarm", self.swarm, *self._common()]
+        if identity:
+            argv += ["--identity", identity]
+        peer = await start_process(f"peer{len(self.peers) + len(self.retired)}", argv)
+        self.peers.append(peer)
+        return peer
+
+    def processes(self) -> list[PeerProcess]:
+        return [p for p in [self.bootstrap, *self.peers, *self.retired] if p is not None]
+
+    def daemon_pids(self) -> list[int]:
+        return [pid for p in self.processes() for pid in p.daemon_pids]
+
+    async def kill(self, peer: PeerProcess, sig: int = signal.SIGKILL) -> None:
+        """Stop one process with ``sig`` (SIGKILL by default: no goodbye) and reap it."""
+        await stop_process(peer, sig=sig)
+        if peer in self.peers:
+            self.peers.remove(peer)
+            self.retired.append(peer)
+
+    async def aclose(self) -> None:
+        """Stop every process (peers first, then the bootstrap) and reap every daemon."""
+        procs = [*self.peers, *self.retired]
+        await asyncio.gather(*(stop_process(p) for p in procs), return_exceptions=True)
+        if self.bootstrap is not None:
+            await stop_process(self.bootstrap)
+
+    async def __aenter__(self) -> LocalSwarm:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
