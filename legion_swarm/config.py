@@ -33,16 +33,15 @@ def validate_multiaddr(maddr: str, *, require_peer_id: bool, allow_port_zero: bo
         raise ConfigError(f"malformed multiaddr {maddr!r}: expected /ip4/<addr>/tcp/<port>[/p2p/<peer id>]")
     proto, host, transport, port = parts[1:5]
     rest = parts[5:]
+    if proto not in ("ip4", "ip6", "dns", "dns4", "dns6"):
+        raise ConfigError(f"malformed multiaddr {maddr!r}: unsupported protocol /{proto}")
     try:
         if proto == "ip4":
             ipaddress.IPv4Address(host)
         elif proto == "ip6":
             ipaddress.IPv6Address(host)
-        elif proto in ("dns", "dns4", "dns6"):
-            if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", host):
-                raise ValueError(host)
-        else:
-            raise ConfigError(f"malformed multiaddr {maddr!r}: unsupported protocol /{proto}")
+        elif not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", host):
+            raise ValueError(host)
     except ValueError:
         raise ConfigError(f"malformed multiaddr {maddr!r}: bad {proto} address {host!r}") from None
     if transport != "tcp":

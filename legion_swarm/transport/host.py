@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import ctypes
 import logging
 import os
@@ -40,8 +41,13 @@ def _die_with_parent() -> None:  # runs in the forked child, before exec
         os._exit(1)
 
 
+# Daemons spawned inside the current Host.create call, so that a failed or cancelled start can reap them
+# (hivemind's P2P.create leaves a half-started daemon to P2P.__del__, i.e. to the garbage collector).
+_spawned: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar("legion_spawned_p2pd", default=None)
+
+
 def _install_pdeathsig_hook() -> None:
-    """Make every ``p2pd`` that hivemind spawns die with us.
+    """Make every ``p2pd`` that hivemind spawns die with us, and record it for :meth:`Host.create`.
 
     hivemind starts ``p2pd`` through ``asyncio.subprocess.create_subprocess_exec`` without a way to pass
     ``preexec_fn``; we wrap that function once, acting only on the ``p2pd`` executable. Without it a
@@ -52,12 +58,29 @@ def _install_pdeathsig_hook() -> None:
         return
 
     async def create_subprocess_exec(program: Any, *args: Any, **kwargs: Any) -> Any:
-        if os.path.basename(str(program)) == "p2pd" and "preexec_fn" not in kwargs:
+        is_daemon = os.path.basename(str(program)) == "p2pd"
+        if is_daemon and "preexec_fn" not in kwargs:
             kwargs["preexec_fn"] = _die_with_parent
-        return await current(program, *args, **kwargs)
+        process = await current(program, *args, **kwargs)
+        spawned = _spawned.get()
+        if is_daemon and spawned is not None:
+            spawned.append(process)
+        return process
 
     create_subprocess_exec._legion_pdeathsig = True  # type: ignore[attr-defined]
     asyncio.subprocess.create_subprocess_exec = create_subprocess_exec  # type: ignore[assignment]
+
+
+async def _reap(processes: list[Any]) -> None:
+    """Kill and wait for daemons of a start-up that did not complete (also when we are being cancelled)."""
+    for process in processes:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+    for process in processes:
+        # Shielded: a cancelled start must still wait for its daemon to be gone.
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.shield(process.wait())
 
 
 def _translate(error: Exception, config: HostConfig) -> Exception:
@@ -94,6 +117,8 @@ class Host:
                 key_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="legion-id-"))
                 key_path = os.path.join(key_dir, "identity.key")
                 identity.save(key_path)
+            spawned: list[Any] = []
+            token = _spawned.set(spawned)
             try:
                 p2p = await P2P.create(
                     initial_peers=list(config.initial_peers) or None,
@@ -107,8 +132,13 @@ class Host:
                     check_if_identity_free=user_key_file,
                     nat_port_map=config.upnp,
                 )
-            except P2PDaemonError as e:
-                raise _translate(e, config) from None
+            except BaseException as e:
+                await _reap(spawned)
+                if isinstance(e, P2PDaemonError):
+                    raise _translate(e, config) from None
+                raise
+            finally:
+                _spawned.reset(token)
         if p2p.peer_id.to_base58() != identity.peer_id:
             await p2p.shutdown()
             raise NetworkError("p2pd reports a different peer id than our identity file (corrupt key?)")

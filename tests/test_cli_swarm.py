@@ -1,0 +1,123 @@
+"""A real swarm of CLI processes: bootstrap + joiners, status, kill -9, restarts, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import time
+
+import pytest
+
+from legion_swarm.sim import LocalSwarm, pid_alive, start_process, stop_process
+from tests.conftest import eventually, observer, run_cli
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+HEARTBEAT = 1.0
+
+
+async def member_ids(maddr: str) -> set[str]:
+    async with observer(maddr) as obs:
+        return {m.record.peer_id for m in (await obs.view()).members}
+
+
+async def test_status_lists_members_and_forgets_a_killed_one() -> None:
+    async with await LocalSwarm.create(3, swarm="cli", heartbeat_s=HEARTBEAT) as swarm:
+        boot = swarm.bootstrap
+        joiners = {p.peer_id for p in swarm.peers}
+        expected = joiners | {boot.peer_id}
+
+        async def all_listed() -> dict | None:
+            result = await run_cli("status", "--peer", boot.maddr, "--json", timeout=30)
+            assert result.code == 0, result.stderr
+            report = json.loads(result.stdout)
+            return report if {p["peer_id"] for p in report["peers"]} == expected else None
+
+        report = await eventually(all_listed, timeout=30, interval=0.5)
+        assert report["swarm"] == "cli"
+        roles = {p["peer_id"]: p["role"] for p in report["peers"]}
+        assert {pid for pid, role in roles.items() if role == "peer"} == joiners
+        assert roles[boot.peer_id] == "bootstrap"
+        for peer in report["peers"]:
+            assert peer["addrs"] and all(a.endswith("/p2p/" + peer["peer_id"]) for a in peer["addrs"])
+            assert 0 <= peer["last_seen_s"] < 3 * HEARTBEAT + 1
+        assert report["summary"]["peers"] == 4
+
+        victim = swarm.peers[0]
+        daemon = victim.daemon_pids[0]
+        killed_at = time.monotonic()
+        await swarm.kill(victim, signal.SIGKILL)
+        # PR_SET_PDEATHSIG: its p2pd dies with it, before anyone reaps anything.
+        await eventually(lambda: _dead(daemon), timeout=2, interval=0.02)
+
+        async def forgotten() -> bool:
+            return victim.peer_id not in await member_ids(swarm.peers[-1].maddr)
+
+        await eventually(forgotten, timeout=3 * HEARTBEAT + 10, interval=0.25)
+        # The record expires 3 heartbeats after its last refresh; allow for reading it through a new node.
+        assert time.monotonic() - killed_at <= 3 * HEARTBEAT + 5
+        assert await member_ids(boot.maddr) == expected - {victim.peer_id}
+
+
+async def _dead(pid: int) -> bool:
+    return not pid_alive(pid)
+
+
+async def test_a_joiner_can_be_the_entry_point_of_another() -> None:
+    async with await LocalSwarm.create(1, swarm="chain", heartbeat_s=HEARTBEAT) as swarm:
+        first = swarm.peers[0]
+        second = await swarm.add_peer(entry=first.maddr)
+        third = await swarm.add_peer(entry=second.maddr)
+        want = {swarm.bootstrap.peer_id, first.peer_id, second.peer_id, third.peer_id}
+
+        async def complete() -> bool:
+            return await member_ids(third.maddr) == want
+
+        await eventually(complete, timeout=20, interval=0.5)
+
+
+async def test_bootstrap_restarted_with_its_identity_keeps_its_peer_id(tmp_path) -> None:
+    key = str(tmp_path / "boot.key")
+    async with await LocalSwarm.create(0, swarm="restart", bootstrap_identity=key) as swarm:
+        first = swarm.bootstrap
+        assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+        assert await stop_process(first) == 0
+        second = await swarm.start_bootstrap(identity=key)
+        swarm.retired.append(first)
+        assert second.peer_id == first.peer_id
+        assert second.maddr != first.maddr  # port 0: a new port, same identity
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+async def test_signals_shut_down_cleanly_within_five_seconds(sig: signal.Signals) -> None:
+    async with await LocalSwarm.create(1, swarm="sig", heartbeat_s=HEARTBEAT) as swarm:
+        for proc in (swarm.peers[0], swarm.bootstrap):
+            daemons = list(proc.daemon_pids)
+            assert daemons and all(pid_alive(d) for d in daemons)
+            started = time.monotonic()
+            proc.signal(sig)
+            assert await proc.wait(5) == 0, proc.tail()
+            assert time.monotonic() - started < 5
+            assert not any(pid_alive(d) for d in daemons)
+            assert "Traceback" not in proc.tail(200)
+
+
+async def test_status_table_and_simulate_command() -> None:
+    result = await run_cli("simulate", "--peers", "2", "--swarm", "sim", timeout=120)
+    assert result.code == 0, result.stdout + result.stderr
+    assert "2/2 peers joined" in result.stdout
+    assert "3 peers alive" in result.stdout
+    assert "0 left running" in result.stdout
+
+
+async def test_status_table_renders_members() -> None:
+    boot = await start_process("bootstrap", ["bootstrap", "--host", "127.0.0.1", "--port", "0", "--swarm", "tbl"])
+    try:
+        result = await run_cli("status", "--peer", boot.maddr, timeout=30)
+        assert result.code == 0, result.stderr
+        assert boot.peer_id[-8:] in result.stdout
+        assert "bootstrap" in result.stdout
+        assert "1 peers alive" in result.stdout
+    finally:
+        await stop_process(boot)

@@ -1,0 +1,82 @@
+import pytest
+
+from legion_swarm.config import (
+    DHTConfig,
+    HostConfig,
+    MembershipConfig,
+    PeerConfig,
+    validate_multiaddr,
+    validate_swarm_name,
+)
+from legion_swarm.errors import ConfigError
+
+PEER_ID = "QmdtW6xneAJGp1wtT5edc5K73XWU2uWXhNoEV1vFStwsWt"
+
+
+@pytest.mark.parametrize(
+    "maddr",
+    [
+        f"/ip4/127.0.0.1/tcp/31337/p2p/{PEER_ID}",
+        f"/ip6/::1/tcp/1/p2p/{PEER_ID}",
+        f"/dns4/boot.example.org/tcp/31337/p2p/{PEER_ID}",
+    ],
+)
+def test_dialable_multiaddrs_are_accepted(maddr: str) -> None:
+    assert validate_multiaddr(maddr, require_peer_id=True, allow_port_zero=False) == maddr
+
+
+@pytest.mark.parametrize(
+    ("maddr", "reason"),
+    [
+        ("foo", "malformed"),
+        ("/ip4/127.0.0.1/tcp/31337", "lacks /p2p/"),
+        (f"/ip4/999.0.0.1/tcp/1/p2p/{PEER_ID}", "bad ip4 address"),
+        (f"/ip4/127.0.0.1/udp/1/quic-v1/p2p/{PEER_ID}", "only /tcp"),
+        (f"/ip4/127.0.0.1/tcp/70000/p2p/{PEER_ID}", "bad TCP port"),
+        (f"/ip4/127.0.0.1/tcp/0/p2p/{PEER_ID}", "port 0"),
+        ("/ip4/127.0.0.1/tcp/1/p2p/0OIl", "base58"),
+        (f"/unix/tmp/x/tcp/1/p2p/{PEER_ID}", "unsupported protocol"),
+    ],
+)
+def test_bad_multiaddrs_say_why(maddr: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match=reason):
+        validate_multiaddr(maddr, require_peer_id=True, allow_port_zero=False)
+
+
+@pytest.mark.parametrize("name", ["legion", "a", "my-swarm_1.test"])
+def test_good_swarm_names(name: str) -> None:
+    assert validate_swarm_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "Upper", "-lead", "x" * 65, "sp ace", "sl/ash"])
+def test_bad_swarm_names(name: str) -> None:
+    with pytest.raises(ConfigError, match="bad swarm name"):
+        validate_swarm_name(name)
+
+
+def test_host_config_checks_every_field() -> None:
+    with pytest.raises(ConfigError, match="--host"):
+        HostConfig(host="localhost")
+    with pytest.raises(ConfigError, match="--port"):
+        HostConfig(port=65536)
+    with pytest.raises(ConfigError, match="port 0"):
+        HostConfig(announce=("/ip4/1.2.3.4/tcp/0",))
+    assert HostConfig(host="::", port=5).listen_maddr == "/ip6/::/tcp/5"
+
+
+def test_cross_field_rules() -> None:
+    with pytest.raises(ConfigError, match="join_timeout_s"):
+        PeerConfig(dht=DHTConfig(wait_timeout_s=5), join_timeout_s=4)
+    with pytest.raises(ConfigError, match="observer"):
+        PeerConfig(host=HostConfig(client_mode=True))
+    with pytest.raises(ConfigError, match="ttl_heartbeats"):
+        MembershipConfig(ttl_heartbeats=1.0)
+    with pytest.raises(ConfigError, match="role"):
+        MembershipConfig(role="king")
+    assert MembershipConfig(heartbeat_s=2, ttl_heartbeats=3).record_ttl_s == 6
+
+
+def test_configs_are_frozen() -> None:
+    config = HostConfig()
+    with pytest.raises(AttributeError):
+        config.port = 5  # type: ignore[misc]

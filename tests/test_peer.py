@@ -1,0 +1,184 @@
+"""SwarmPeer on real p2pd daemons in this process: join, records, expiry, and what peers may not do."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import msgpack
+import pytest
+from hivemind.dht.routing import DHTID
+
+from legion_swarm.config import DHTConfig, HostConfig, MembershipConfig, PeerConfig
+from legion_swarm.dht.node import dht_time
+from legion_swarm.dht.records import peers_key
+from legion_swarm.errors import AddressInUseError, PeerUnreachableError, SwarmMismatchError
+from legion_swarm.peer import SwarmPeer
+from tests.conftest import eventually, observer
+
+pytestmark = pytest.mark.timeout(90)
+HEARTBEAT = 0.5
+
+
+def config(*entry: str, swarm: str | None = "t", role: str = "peer", **host: object) -> PeerConfig:
+    return PeerConfig(
+        host=HostConfig(host="127.0.0.1", initial_peers=entry, **host),
+        dht=DHTConfig(wait_timeout_s=2),
+        membership=MembershipConfig(swarm=swarm, role=role, heartbeat_s=HEARTBEAT),
+        join_timeout_s=10,
+    )
+
+
+async def members(peer: SwarmPeer) -> set[str]:
+    return {m.record.peer_id for m in (await peer.view()).members}
+
+
+async def until_members(reader: SwarmPeer, *expected: SwarmPeer) -> set[str]:
+    want = {p.peer_id for p in expected}
+
+    async def complete() -> bool:
+        return await members(reader) == want
+
+    await eventually(complete, timeout=10)
+    return want
+
+
+@pytest.fixture
+async def swarm():
+    """A bootstrap and two peers, in-process."""
+    boot = await SwarmPeer.create(config(role="bootstrap"))
+    peers = []
+    try:
+        for _ in range(2):
+            peers.append(await SwarmPeer.create(config(boot.maddrs[0])))
+        yield boot, peers
+    finally:
+        errors = await asyncio.gather(*(p.aclose() for p in [*peers, boot]), return_exceptions=True)
+        assert not [e for e in errors if e is not None], errors
+
+
+async def test_members_see_each_other_and_observer_stays_invisible(swarm) -> None:
+    boot, peers = swarm
+    everyone = {boot.peer_id, *(p.peer_id for p in peers)}
+    async with observer(peers[1].maddrs[0], swarm="t") as obs:
+        await until_members(obs, boot, *peers)
+        assert obs.peer_id not in everyone
+        roles = {m.record.peer_id: m.record.role for m in (await obs.view()).members}
+        assert roles[boot.peer_id] == "bootstrap"
+        assert all(roles[p.peer_id] == "peer" for p in peers)
+
+
+async def test_swarm_name_is_checked_or_adopted(swarm) -> None:
+    boot, _ = swarm
+    with pytest.raises(SwarmMismatchError, match="belongs to swarm 't', not 'other'"):
+        await SwarmPeer.create(config(boot.maddrs[0], swarm="other"))
+    adopted = await SwarmPeer.create(config(boot.maddrs[0], swarm=None))
+    try:
+        assert adopted.swarm == "t"
+        await until_members(boot, boot, *swarm[1], adopted)
+    finally:
+        await adopted.aclose()
+
+
+async def test_departure_is_seen_at_once_and_death_within_three_beats(swarm) -> None:
+    boot, peers = swarm
+    await until_members(boot, boot, *peers)
+    leaver, dier = peers
+    await leaver.aclose()
+    assert leaver.peer_id not in await members(boot)  # the "left" record replaced the live one
+
+    # Simulate a crash: stop the heartbeat without any goodbye, keep the daemon.
+    for task in dier._tasks:
+        task.cancel()
+    last_beat = time.monotonic()
+    await eventually(lambda: _absent(boot, dier.peer_id), timeout=HEARTBEAT * 3 + 5)
+    assert time.monotonic() - last_beat <= HEARTBEAT * 3 + 1.5
+
+
+async def _absent(peer: SwarmPeer, peer_id: str) -> bool:
+    return peer_id not in await members(peer)
+
+
+async def test_forged_record_for_another_peer_is_refused_everywhere(swarm) -> None:
+    boot, (alice, mallory) = swarm
+    await until_members(boot, boot, alice, mallory)
+    genuine = alice.membership.record
+    forged = {**genuine.to_wire(), "role": "bootstrap", "addrs": ["/ip4/6.6.6.6/tcp/6/p2p/" + alice.peer_id]}
+    key = peers_key("t")
+    # Mallory's node cannot sign Alice's subkey, so every replica must refuse the write.
+    assert not await mallory.dht.node.store(key, forged, dht_time() + 60, subkey=alice.peer_id)
+    view = {m.record.peer_id: m.record for m in (await boot.view()).members}
+    assert view[alice.peer_id].addrs == genuine.addrs
+    assert view[alice.peer_id].role == "peer"
+
+
+async def test_malformed_record_in_local_storage_is_ignored_by_readers(swarm) -> None:
+    boot, peers = swarm
+    expected = await until_members(boot, boot, *peers)
+    key_id = DHTID.generate(peers_key("t"))
+    # Plant junk directly in the reader's storage, bypassing validation, as a buggy or hostile node might.
+    storage = boot.dht.node.protocol.storage
+    storage.store_subkey(key_id, "QmJunk", b"\xc1\xc1", dht_time() + 60)
+    storage.store_subkey(key_id, "QmJunk2", msgpack.packb([1, b"x", b"y", b"z"]), dht_time() + 60)
+    assert await members(boot) == expected
+
+
+async def test_unreachable_initial_peer_fails_fast() -> None:
+    with socket.socket() as s:  # a port with nobody listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dead = f"/ip4/127.0.0.1/tcp/{port}/p2p/QmdtW6xneAJGp1wtT5edc5K73XWU2uWXhNoEV1vFStwsWt"
+    started = time.monotonic()
+    with pytest.raises(PeerUnreachableError, match="initial peers"):
+        await SwarmPeer.create(config(dead))
+    assert time.monotonic() - started < 15
+
+
+async def test_port_in_use_is_reported() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(AddressInUseError, match="address already in use"):
+            await SwarmPeer.create(config(role="bootstrap", port=s.getsockname()[1]))
+
+
+async def test_aclose_is_idempotent_and_reaps_the_daemon() -> None:
+    from legion_swarm.sim import pid_alive
+
+    peer = await SwarmPeer.create(config(role="bootstrap"))
+    pid = peer.host.daemon_pid
+    assert pid is not None and pid_alive(pid)
+    await peer.aclose()
+    await peer.aclose()
+    assert not pid_alive(pid)
+
+
+async def test_identity_file_gives_the_same_peer_id(tmp_path) -> None:
+    key = str(tmp_path / "boot.key")
+    first = await SwarmPeer.create(config(role="bootstrap", identity_path=key))
+    first_id = first.peer_id
+    await first.aclose()
+    second = await SwarmPeer.create(config(role="bootstrap", identity_path=key))
+    try:
+        assert second.peer_id == first_id
+        assert all(m.endswith("/p2p/" + first_id) for m in second.maddrs)
+    finally:
+        await second.aclose()
+
+
+async def test_create_cancelled_while_the_daemon_starts_leaves_nothing() -> None:
+    from tests.conftest import p2pd_pids
+
+    before = p2pd_pids()
+    task = asyncio.create_task(SwarmPeer.create(config(role="bootstrap")))
+
+    async def daemon_spawned() -> set[int]:
+        return p2pd_pids() - before
+
+    spawned = await eventually(daemon_spawned, timeout=10, interval=0.005)
+    assert not task.done()  # the daemon exists but has not reported ready yet
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not (p2pd_pids() & spawned)  # reaped before create() returned, not by the GC later

@@ -1,0 +1,65 @@
+import math
+
+import pytest
+
+from legion_swarm.dht.records import Hardware, PeerRecord, parse_record
+from legion_swarm.errors import RecordError
+
+
+def make_record(**changes: object) -> dict:
+    record = PeerRecord(
+        swarm="s",
+        peer_id="QmPeer",
+        addrs=("/ip4/127.0.0.1/tcp/1/p2p/QmPeer",),
+        role="peer",
+        version="0.1.0",
+        hardware=Hardware(cpus=2, ram_gb=3.5, gpu=None),
+        started_at=1.0,
+        sent_at=2.0,
+    ).to_wire()
+    record.update(changes)
+    return record
+
+
+def test_round_trip() -> None:
+    wire = make_record(step=3, loss=1.5, tokens_per_s=10, group="g1")
+    parsed = parse_record(wire)
+    assert parsed.to_wire() == wire
+    assert parsed.hardware == Hardware(cpus=2, ram_gb=3.5, gpu=None)
+
+
+def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
+    assert parse_record(make_record(future_field=[1, 2])).peer_id == "QmPeer"
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"kind": "expert"}, "unknown record kind"),
+        ({"peer_id": 5}, "peer_id"),
+        ({"addrs": "one"}, "addrs"),
+        ({"addrs": ["x"] * 33}, "at most 32"),
+        ({"step": True}, "step"),
+        ({"loss": math.nan}, "not finite"),
+        ({"sent_at": math.inf}, "not finite"),
+        ({"state": "zombie"}, "unknown state"),
+        ({"hardware": {"cpus": "2", "ram_gb": 1}}, "cpus"),
+        ({"hardware": {"ram_gb": 1}}, "missing field 'cpus'"),
+    ],
+)
+def test_off_schema_records_are_rejected(changes: dict, reason: str) -> None:
+    with pytest.raises(RecordError, match=reason):
+        parse_record(make_record(**changes))
+
+
+def test_missing_required_field() -> None:
+    wire = make_record()
+    del wire["version"]
+    with pytest.raises(RecordError, match="missing field 'version'"):
+        parse_record(wire)
+
+
+@pytest.mark.parametrize("junk", [None, 1, "x", [1], {"kind": None}])
+def test_non_records(junk: object) -> None:
+    with pytest.raises(RecordError):
+        parse_record(junk)
