@@ -1,10 +1,38 @@
-"""legion-swarm: train language models together across the internet, with no central server."""
+"""legion-swarm: train language models together across the internet, with no central server.
 
+Public API (imported lazily, so ``import legion_swarm`` stays cheap for the CLI)::
+
+    from legion_swarm import SwarmPeer, PeerConfig, HostConfig, MembershipConfig, DHTConfig, LocalSwarm
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 try:
     __version__ = version("legion-swarm")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+source"
 
-__all__ = ["__version__"]
+_EXPORTS = {
+    "SwarmPeer": "legion_swarm.peer",
+    "SwarmView": "legion_swarm.peer",
+    "Member": "legion_swarm.peer",
+    "PeerConfig": "legion_swarm.config",
+    "HostConfig": "legion_swarm.config",
+    "DHTConfig": "legion_swarm.config",
+    "MembershipConfig": "legion_swarm.config",
+    "Identity": "legion_swarm.transport.identity",
+    "LocalSwarm": "legion_swarm.sim",
+    "PeerRecord": "legion_swarm.dht.records",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'legion_swarm' has no attribute {name!r}")

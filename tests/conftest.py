@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import sys
@@ -19,12 +20,40 @@ from legion_swarm.sim import pid_alive, process_name
 T = TypeVar("T")
 
 
-def p2pd_pids() -> set[int]:
-    pids = set()
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Orphans of processes the tests start (a SIGKILLed peer's p2pd) are re-parented to this process
+    # instead of init, so "descendants of the test process" is exactly what the tests started, and
+    # daemons of anything else running on the machine are never counted (or killed) as leaks.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and process_name(int(entry)) == "p2pd" and pid_alive(int(entry)):
-            pids.add(int(entry))
-    return pids
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, stack = set(), [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def p2pd_pids() -> set[int]:
+    """Live p2pd daemons started, directly or not, by this test process."""
+    return {pid for pid in _descendants(os.getpid()) if process_name(pid) == "p2pd" and pid_alive(pid)}
 
 
 @pytest.fixture(autouse=True)

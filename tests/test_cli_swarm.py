@@ -87,6 +87,25 @@ async def test_bootstrap_restarted_with_its_identity_keeps_its_peer_id(tmp_path)
         swarm.retired.append(first)
         assert second.peer_id == first.peer_id
         assert second.maddr != first.maddr  # port 0: a new port, same identity
+    printed = await run_cli("identity", key)
+    assert printed.code == 0 and printed.stdout.strip() == first.peer_id  # what scripts publish
+
+
+async def test_bootstrap_nodes_link_with_peer_into_one_swarm() -> None:
+    async with await LocalSwarm.create(0, swarm="twin", heartbeat_s=HEARTBEAT) as swarm:
+        first = swarm.bootstrap
+        second = await start_process(
+            "bootstrap2",
+            ["bootstrap", "--swarm", "twin", "--host", "127.0.0.1", "--port", "0", "--peer", first.maddr],
+        )
+        swarm.retired.append(second)  # reaped by the swarm
+        joiner = await swarm.add_peer(entry=second.maddr)
+        want = {first.peer_id, second.peer_id, joiner.peer_id}
+
+        async def one_swarm() -> bool:
+            return await member_ids(first.maddr) == want
+
+        await eventually(one_swarm, timeout=20, interval=0.5)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

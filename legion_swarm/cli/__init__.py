@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bootstrap", parents=[common], help="run a stable entry node for a swarm")
     p.add_argument("--swarm", type=_swarm_name, default=DEFAULT_SWARM, help="swarm name (default: %(default)s)")
+    p.add_argument(
+        "--peer",
+        metavar="MADDR",
+        action="append",
+        type=_dial_maddr,
+        help="another bootstrap node or member to link up with (repeatable; default: start a new swarm)",
+    )
     listening(p, DEFAULT_BOOTSTRAP_PORT)
 
     p = sub.add_parser("join", parents=[common], help="join a swarm through any of its peers")
@@ -139,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_checked(_positive_float, "seconds"),
         help="refresh every SECONDS until Ctrl+C",
     )
+
+    p = sub.add_parser("identity", parents=[common], help="print the peer id of a key file (created if missing)")
+    p.add_argument("path", metavar="PATH", help="identity key file; created with mode 0600 if it does not exist")
 
     p = sub.add_parser("simulate", parents=[common], help="run a bootstrap and N peer processes on this machine")
     p.add_argument("--peers", type=_checked(_peers_count, "count"), default=3, help="peer processes (default: 3)")
@@ -192,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug
     try:
+        if args.command == "identity":  # offline: no daemon, no hivemind import
+            from legion_swarm.transport.identity import Identity
+
+            print(Identity.load_or_create(args.path).peer_id)
+            return 0
         setup_logging(debug, args.quiet)
         from legion_swarm.cli.commands import COMMANDS
 

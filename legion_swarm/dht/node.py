@@ -6,6 +6,8 @@ schema-checked records and silently lose nothing but malformed entries, which ar
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -80,7 +82,15 @@ class SwarmDHT:
         return found
 
     async def aclose(self) -> None:
-        await self.node.shutdown()
+        try:
+            await self.node.shutdown()
+        finally:
+            # DHTNode.shutdown leaves its cache-refresh task waiting forever; it belongs to us to end.
+            task = self.node.cache_refresh_task
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
 
 dht_time = get_dht_time

@@ -173,7 +173,10 @@ class Host:
         if self._closed:
             return
         self._closed = True
-        await self.p2p.shutdown()
+        try:
+            await self.p2p.shutdown()
+        finally:
+            _collect_control_task_errors(self.p2p)
         logger.debug("[%s] p2pd stopped", self.short_id)
 
     async def __aenter__(self) -> Host:
@@ -181,6 +184,31 @@ class Host:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _collect_control_task_errors(p2p: P2P) -> None:
+    """Retrieve the errors of hivemind's daemon-connection tasks that died as the daemon closed.
+
+    ``ControlClient.close`` cancels only tasks still running; one that already failed with
+    ``ConnectionResetError`` at shutdown would otherwise print "Task exception was never retrieved".
+    """
+    control = getattr(getattr(p2p, "_client", None), "control", None)
+    for name in ("_read_task", "_write_task"):
+        task = getattr(control, name, None)
+        if isinstance(task, asyncio.Task) and task.done() and not task.cancelled():
+            error = task.exception()
+            if error is not None:
+                logger.debug("daemon connection task %s ended with %r at shutdown", name, error)
+
+
+class _DropShutdownNoise(logging.Filter):
+    """p2pd logs an error when its control socket closes under it, which is how every shutdown goes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "use of closed network connection" not in record.getMessage()
+
+
+logging.getLogger("hivemind.p2p.p2p_daemon").addFilter(_DropShutdownNoise())
 
 
 def short_peer_id(peer_id: str) -> str:
