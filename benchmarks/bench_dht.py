@@ -32,6 +32,7 @@ def median_ms(samples: list[float]) -> float:
 async def bench_ours(n: int, ops: int, rng: random.Random) -> dict:
     peers: list[SwarmPeer] = []
     joins = []
+    phases: dict[str, list[float]] = {}
     try:
         for i in range(n):
             entry = () if not peers else (rng.choice(peers).maddrs[0],)
@@ -43,6 +44,8 @@ async def bench_ours(n: int, ops: int, rng: random.Random) -> dict:
             peers.append(await SwarmPeer.create(config))
             if i:
                 joins.append(time.perf_counter() - t0)
+                for phase, seconds in peers[-1].join_timings.items():
+                    phases.setdefault(phase, []).append(seconds)
 
         # Full status: a client-mode observer joins through a random member and reads every record.
         # Records are written as peers join, so the first read right after the last join is the real test.
@@ -75,6 +78,7 @@ async def bench_ours(n: int, ops: int, rng: random.Random) -> dict:
         return {
             "join_median_s": round(statistics.median(joins), 3),
             "join_p90_s": round(statistics.quantiles(joins, n=10)[-1], 3) if len(joins) > 1 else None,
+            "join_phase_median_s": {k: round(statistics.median(v), 3) for k, v in phases.items()},
             "status_join_and_read_s": round(joined + reads[0], 3),
             "status_read_median_s": round(statistics.median(reads), 4),
             "status_members_seen": complete,

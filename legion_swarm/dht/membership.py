@@ -140,7 +140,7 @@ class Membership:
             await asyncio.sleep(self.config.heartbeat_s)
             try:
                 if not await self.publish():
-                    logger.warning("[%s] heartbeat stored on no replica; retrying next beat", tag)
+                    logger.warning("[%s] heartbeat refused by the last replica asked; retrying next beat", tag)
             except (LegionError, OSError, asyncio.TimeoutError) as e:
                 logger.warning("[%s] heartbeat failed: %s", tag, e)
 

@@ -58,8 +58,13 @@ class SwarmDHT:
         return cls(node, host, config)
 
     async def store_own(self, key: str, record: dict[str, Any], expires_at: float) -> bool:
-        """Write ``record`` under ``key`` at this peer's own subkey; True if at least one replica took it."""
-        return bool(await self.node.store(key, record, expires_at, subkey=self.host.peer_id))
+        """Write ``record`` under ``key`` at this peer's own subkey.
+
+        Returns once the first replica has answered (True if it accepted); the other replicas are
+        written in the background, so a heartbeat costs one round trip of latency, not the slowest.
+        """
+        stored = await self.node.store(key, record, expires_at, subkey=self.host.peer_id, await_all_replicas=False)
+        return bool(stored)
 
     async def read_all(self, key: str) -> dict[str, Found]:
         """All live, valid records under ``key`` by owner peer id (latest version of each)."""
