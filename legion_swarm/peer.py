@@ -97,7 +97,7 @@ class SwarmPeer:
             # A mismatch found by the handshake closes the briefly joined DHT node again.
             dht_task = asyncio.ensure_future(SwarmDHT.create(host, config.dht))
             try:
-                swarm = await asyncio.wait_for(cls._check_entry_peers(host, config), remaining)
+                swarm = await cls._check_entry_peers(host, config, timeout=remaining)
                 dht = await asyncio.wait_for(dht_task, max(remaining - (time.perf_counter() - t_host), 0.1))
             finally:
                 if not dht_task.done():
@@ -129,25 +129,32 @@ class SwarmPeer:
         return self
 
     @staticmethod
-    async def _check_entry_peers(host: Host, config: PeerConfig) -> str:
+    async def _check_entry_peers(host: Host, config: PeerConfig, *, timeout: float) -> str:
+        """Ask every initial peer which swarm it serves; return the swarm to join.
+
+        An unreachable peer fails at once (the daemon's dial is refused); a reachable but busy one gets
+        the whole remaining join budget, since giving up on it would turn load into "unreachable".
+        """
         wanted = config.membership.swarm
         if not config.host.initial_peers:
             return wanted or DEFAULT_SWARM
         peer_ids = list(dict.fromkeys(_peer_id_of_maddr(m) for m in config.host.initial_peers))
         replies = await asyncio.gather(
-            *(say_hello(host, p, wanted, timeout=config.dht.wait_timeout_s) for p in peer_ids),
-            return_exceptions=True,
+            *(say_hello(host, p, wanted, timeout=timeout) for p in peer_ids), return_exceptions=True
         )
-        hellos = []
+        hellos, failures = [], []
         for peer_id, reply in zip(peer_ids, replies, strict=True):
             if isinstance(reply, Exception):  # unreachable, timed out, or spoke garbage
-                logger.info("[%s] entry peer %s did not answer hello: %s", host.short_id, peer_id[-8:], reply)
+                failures.append(f"{short_peer_id(peer_id)}: {reply or type(reply).__name__}")
+                logger.info("[%s] entry peer %s did not answer hello: %r", host.short_id, peer_id[-8:], reply)
             elif isinstance(reply, BaseException):
                 raise reply
             else:
                 hellos.append(reply)
         if not hellos:
-            raise PeerUnreachableError(f"none of the initial peers answered: {', '.join(config.host.initial_peers)}")
+            raise PeerUnreachableError(
+                f"none of the initial peers answered ({'; '.join(failures)}): {', '.join(config.host.initial_peers)}"
+            )
         swarms = {h.swarm for h in hellos}
         if wanted is not None and swarms != {wanted}:
             other = next(h for h in hellos if h.swarm != wanted)
