@@ -86,47 +86,53 @@ class SwarmPeer:
         ``TimeoutError`` past ``join_timeout_s``.
         """
         t0 = time.perf_counter()
+        deadline = t0 + config.join_timeout_s
         if identity is None and config.host.identity_path is None:
             identity = await asyncio.to_thread(Identity.generate)  # ~0.1 s of RSA key search, off the loop
         host = await asyncio.wait_for(Host.create(config.host, identity), config.join_timeout_s)
         t_host = time.perf_counter()
-        dht: SwarmDHT | None = None
         try:
-            remaining = config.join_timeout_s - (t_host - t0)
-            # The swarm-name handshake and the DHT bootstrap both only need the daemon: overlap them.
-            # A mismatch found by the handshake closes the briefly joined DHT node again.
-            dht_task = asyncio.ensure_future(SwarmDHT.create(host, config.dht))
-            try:
-                swarm = await cls._check_entry_peers(host, config, timeout=remaining)
-                dht = await asyncio.wait_for(dht_task, max(remaining - (time.perf_counter() - t_host), 0.1))
-            finally:
-                if not dht_task.done():
-                    dht_task.cancel()
-                    with contextlib.suppress(BaseException):
-                        await dht_task
-                elif dht is None and not dht_task.cancelled() and dht_task.exception() is None:
-                    await dht_task.result().aclose()
-            self = cls(config, host, swarm)
-            self.dht = dht
-            self.join_timings["daemon_s"] = t_host - t0
-            self.join_timings["dht_s"] = time.perf_counter() - t_host
-            await asyncio.wait_for(self._join(), max(config.join_timeout_s - (time.perf_counter() - t0), 1.0))
+            swarm, dht = await cls._handshake_and_bootstrap(host, config, deadline)
         except BaseException:
-            if dht is not None:
-                with contextlib.suppress(Exception):
-                    await dht.aclose()
             await host.aclose()
             raise
+        self = cls(config, host, swarm)
+        self.dht = dht
+        self.join_timings["daemon_s"] = t_host - t0
+        self.join_timings["dht_s"] = time.perf_counter() - t_host
+        try:
+            await asyncio.wait_for(self._join(), max(deadline - time.perf_counter(), 1.0))
+        except BaseException:
+            await self.aclose()
+            raise
         self.join_timings["total_s"] = time.perf_counter() - t0
+        phases = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in self.join_timings.items() if k != "total_s")
         logger.info(
             "[%s] joined swarm %r as %s in %.2f s (%s)",
-            self.tag,
-            swarm,
-            config.membership.role,
-            self.join_timings["total_s"],
-            ", ".join(f"{k[:-2]} {v:.2f}" for k, v in self.join_timings.items() if k != "total_s"),
-        )
+            self.tag, swarm, config.membership.role, self.join_timings["total_s"], phases,
+        )  # fmt: skip
         return self
+
+    @classmethod
+    async def _handshake_and_bootstrap(cls, host: Host, config: PeerConfig, deadline: float) -> tuple[str, SwarmDHT]:
+        """Check the entry peers' swarm while the DHT node bootstraps: both need only the daemon.
+
+        If the handshake fails (another swarm, nobody answers), the DHT node is cancelled or closed again.
+        """
+        dht_task = asyncio.ensure_future(SwarmDHT.create(host, config.dht))
+        try:
+            swarm = await cls._check_entry_peers(host, config, timeout=deadline - time.perf_counter())
+            dht = await asyncio.wait_for(dht_task, max(deadline - time.perf_counter(), 0.1))
+        except BaseException:
+            dht_task.cancel()
+            try:
+                unused = await dht_task
+            except BaseException:  # cancelled or failed: nothing was built
+                pass
+            else:
+                await unused.aclose()
+            raise
+        return swarm, dht
 
     @staticmethod
     async def _check_entry_peers(host: Host, config: PeerConfig, *, timeout: float) -> str:
