@@ -50,6 +50,18 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _seconds(p: argparse.ArgumentParser, flag: str, default: float | None, help: str, *, zero_ok: bool = False) -> None:
+    check = _checked(_non_negative_float if zero_ok else _positive_float, "seconds")
+    p.add_argument(flag, metavar="SECONDS", type=check, default=default, help=help)
+
+
 def _peers_count(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 64:
         raise ValueError(f"bad peer count {text!r}: expected 1-64")
@@ -91,20 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
             help="address others should dial, e.g. /ip4/PUBLIC_IP/tcp/PORT behind NAT (repeatable)",
         )
         p.add_argument("--upnp", action="store_true", help="ask the router for a port mapping (UPnP/NAT-PMP)")
-        p.add_argument(
-            "--heartbeat",
-            metavar="SECONDS",
-            type=_checked(_positive_float, "seconds"),
-            default=5.0,
-            help="seconds between record refreshes; a dead peer vanishes in ~3 (default: %(default)s)",
-        )
-        p.add_argument(
-            "--report-every",
-            metavar="SECONDS",
-            type=_checked(_positive_float, "seconds"),
-            default=30.0,
-            help="log the swarm size this often (default: %(default)s)",
-        )
+        _seconds(p, "--heartbeat", 5.0, "seconds between record refreshes; a dead peer vanishes in ~3 (default: 5)")
+        _seconds(p, "--report-every", 30.0, "log the swarm size this often (default: 30)")
 
     p = sub.add_parser("bootstrap", parents=[common], help="run a stable entry node for a swarm")
     p.add_argument("--swarm", type=_swarm_name, default=DEFAULT_SWARM, help="swarm name (default: %(default)s)")
@@ -140,12 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--swarm", type=_swarm_name, help="swarm to show (default: the entry peer's swarm)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument(
-        "--watch",
-        metavar="SECONDS",
-        type=_checked(_positive_float, "seconds"),
-        help="refresh every SECONDS until Ctrl+C",
-    )
+    _seconds(p, "--watch", None, "refresh every SECONDS until Ctrl+C")
 
     p = sub.add_parser("identity", parents=[common], help="print the peer id of a key file (created if missing)")
     p.add_argument("path", metavar="PATH", help="identity key file; created with mode 0600 if it does not exist")
@@ -153,20 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", parents=[common], help="run a bootstrap and N peer processes on this machine")
     p.add_argument("--peers", type=_checked(_peers_count, "count"), default=3, help="peer processes (default: 3)")
     p.add_argument("--swarm", type=_swarm_name, default="local", help="swarm name (default: %(default)s)")
-    p.add_argument(
-        "--heartbeat",
-        metavar="SECONDS",
-        type=_checked(_positive_float, "seconds"),
-        default=1.0,
-        help="peers' heartbeat (default: %(default)s)",
-    )
-    p.add_argument(
-        "--duration",
-        metavar="SECONDS",
-        type=float,
-        default=0.0,
-        help="keep the swarm up this long after it formed (default: shut down at once)",
-    )
+    _seconds(p, "--heartbeat", 1.0, "peers' heartbeat (default: 1)")
+    _seconds(p, "--duration", 0.0, "keep the swarm up this long after it formed (default: 0)", zero_ok=True)
     return parser
 
 
