@@ -10,7 +10,8 @@
     ├── NetworkError                the network did not cooperate (CLI exit code 1)
     │   ├── PeerUnreachableError    none of the initial peers answered in time
     │   └── ProtocolError           a peer sent a malformed, oversized or unexpected message
-    └── RecordError                 a DHT record failed its schema or signature check
+    ├── RecordError                 a DHT record failed its schema or signature check
+    └── CodecError                  a tensor cannot be encoded, or a wire message is malformed
 
 Failures that are part of normal operation (a peer that vanished mid-round, a record that expired)
 come back as values, not exceptions.
@@ -53,3 +54,7 @@ class ProtocolError(NetworkError):
 
 class RecordError(LegionError, ValueError):
     """A DHT record is malformed, fails its schema, or carries a bad signature."""
+
+
+class CodecError(LegionError, ValueError):
+    """A tensor cannot be encoded (non-finite, out of range) or an encoded wire message is malformed."""
