@@ -39,6 +39,7 @@ class SwarmDHT:
         self.node = node
         self.host = host
         self.config = config
+        self._seen: dict[str, dict[str, Found]] = {}  # key -> owner -> latest unexpired record read
 
     @classmethod
     async def create(cls, host: Host, config: DHTConfig) -> SwarmDHT:
@@ -67,13 +68,24 @@ class SwarmDHT:
         return bool(stored)
 
     async def read_all(self, key: str) -> dict[str, Found]:
-        """All live, valid records under ``key`` by owner peer id (latest version of each)."""
+        """All live, valid records under ``key`` by owner peer id (latest version of each).
+
+        One DHT read can miss records (replicas that timed out are skipped for a while), so the result is
+        merged with what earlier reads returned: a reader never forgets a record before it expires.
+        """
         result = await self.node.get(key, latest=True)
-        if result is None or not isinstance(result.value, dict):
+        fresh = self._parse(key, result.value if result is not None else None)
+        merged = merge_records(self._seen.get(key, {}), fresh, get_dht_time())
+        self._seen[key] = merged
+        return dict(merged)
+
+    @staticmethod
+    def _parse(key: str, value: Any) -> dict[str, Found]:
+        if not isinstance(value, dict):
             return {}
         now = get_dht_time()
         found: dict[str, Found] = {}
-        for owner, item in result.value.items():
+        for owner, item in value.items():
             if item.expiration_time <= now:
                 continue
             try:
@@ -96,6 +108,19 @@ class SwarmDHT:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+
+
+def merge_records(seen: dict[str, Found], fresh: dict[str, Found], now: float) -> dict[str, Found]:
+    """Union of two reads: per owner the record that expires last, dropping every expired one.
+
+    Records are soft state with their own expiry, so a record read earlier and not yet expired is as
+    valid as one read now; a newer write (a later heartbeat, a departure notice) always expires later.
+    """
+    merged = {owner: f for owner, f in seen.items() if f.expires_at > now}
+    for owner, f in fresh.items():
+        if f.expires_at > now and (owner not in merged or f.expires_at > merged[owner].expires_at):
+            merged[owner] = f
+    return merged
 
 
 dht_time = get_dht_time
