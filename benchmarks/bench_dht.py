@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import random
 import statistics
 import sys
@@ -29,7 +30,7 @@ def median_ms(samples: list[float]) -> float:
     return round(statistics.median(samples) * 1000, 2)
 
 
-async def bench_ours(n: int, ops: int, rng: random.Random) -> dict:
+async def bench_ours(n: int, ops: int, rng: random.Random, heartbeat_s: float) -> dict:
     peers: list[SwarmPeer] = []
     joins = []
     phases: dict[str, list[float]] = {}
@@ -38,7 +39,9 @@ async def bench_ours(n: int, ops: int, rng: random.Random) -> dict:
             entry = () if not peers else (rng.choice(peers).maddrs[0],)
             config = PeerConfig(
                 host=HostConfig(host="127.0.0.1", initial_peers=entry),
-                membership=MembershipConfig(swarm="bench", role="bootstrap" if i == 0 else "peer"),
+                membership=MembershipConfig(
+                    swarm="bench", role="bootstrap" if i == 0 else "peer", heartbeat_s=heartbeat_s
+                ),
             )
             t0 = time.perf_counter()
             peers.append(await SwarmPeer.create(config))
@@ -135,12 +138,13 @@ async def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--ops", type=int, default=30, help="store/get pairs per size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--heartbeat", type=float, default=5.0, help="peers' heartbeat in seconds (default: 5)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     rng = random.Random(args.seed)
     results = {}
     for n in args.sizes:
-        ours = await bench_ours(n, args.ops, rng)
+        ours = await bench_ours(n, args.ops, rng, args.heartbeat)
         anchor = await bench_anchor(n, args.ops, rng)
         results[str(n)] = {
             "ours": ours,
@@ -153,7 +157,8 @@ async def main() -> None:
             "status_complete": max(ours["status_members_seen"]) == n,
         }
         print(f"N={n} done", file=sys.stderr, flush=True)
-    print(json.dumps({"benchmark": "dht", "cpus": __import__("os").cpu_count(), "sizes": results}, indent=2))
+    report = {"benchmark": "dht", "cpus": os.cpu_count(), "heartbeat_s": args.heartbeat, "sizes": results}
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
