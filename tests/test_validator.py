@@ -93,3 +93,15 @@ def test_garbage_values_never_validate_and_strip_to_none(alice: Identity, value:
 def test_plain_values_without_subkey_are_rejected(alice: Identity) -> None:
     plain = DHTRecord(KEY, msgpack.packb(None), msgpack.packb({"a": 1}), 100.0)
     assert not SignedSubkeyValidator(alice).validate(plain)
+
+
+def test_remembered_records_still_fail_when_any_field_changes(alice: Identity) -> None:
+    validator = SignedSubkeyValidator(alice)
+    record = signed(alice, make_record(peer_id=alice.peer_id), exp=100.0)
+    assert validator.validate(record)
+    assert validator.validate(record)  # now from the cache
+    assert not validator.validate(dataclasses.replace(record, expiration_time=101.0))
+    assert not validator.validate(dataclasses.replace(record, key=b"\x03" * 20))
+    version, payload, key, signature = msgpack.unpackb(record.value)
+    flipped = msgpack.packb([version, payload.replace(b"peer", b"boot"), key, signature])
+    assert not validator.validate(dataclasses.replace(record, value=flipped))

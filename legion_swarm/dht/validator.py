@@ -16,7 +16,9 @@ bad signatures, oversized or off-schema payloads are refused by every honest nod
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections import OrderedDict
 
 import msgpack
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
@@ -68,9 +70,14 @@ def open_envelope(record: DHTRecord) -> tuple[bytes, str]:
 class SignedSubkeyValidator(RecordValidatorBase):
     """hivemind record validator that signs this peer's subkeys and checks everyone's."""
 
+    CACHE_SIZE = 4096
+    """Records remembered as valid. The same record is checked again and again (every replica's answer,
+    every Kademlia hand-over to a new node); re-checking costs an RSA verify plus a schema pass."""
+
     def __init__(self, identity: Identity):
         self._identity = identity
         self._own_subkey = msgpack.packb(identity.peer_id)
+        self._valid: OrderedDict[tuple[bytes, bytes, float, bytes], None] = OrderedDict()
 
     def sign_value(self, record: DHTRecord) -> bytes:
         if record.subkey != self._own_subkey:
@@ -80,11 +87,20 @@ class SignedSubkeyValidator(RecordValidatorBase):
         return msgpack.packb([ENVELOPE_VERSION, record.value, self._identity.public_key, signature])
 
     def validate(self, record: DHTRecord) -> bool:
+        # Only successes are remembered: nobody can fill the cache without valid signatures of their own.
+        digest = hashlib.blake2b(record.value, digest_size=16).digest()
+        fingerprint = (record.key, record.subkey, float(record.expiration_time), digest)
+        if fingerprint in self._valid:
+            self._valid.move_to_end(fingerprint)
+            return True
         try:
             open_envelope(record)
         except RecordError as e:
             logger.debug("rejected DHT record: %s", e)
             return False
+        self._valid[fingerprint] = None
+        if len(self._valid) > self.CACHE_SIZE:
+            self._valid.popitem(last=False)
         return True
 
     def strip_value(self, record: DHTRecord) -> bytes:
