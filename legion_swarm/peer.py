@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 from legion_swarm.config import DEFAULT_SWARM, PeerConfig
-from legion_swarm.dht.membership import Membership, read_members, say_hello, serve_hello
+from legion_swarm.dht.membership import Hello, Membership, read_members, say_hello, serve_hello
 from legion_swarm.dht.node import Found, SwarmDHT, dht_time
 from legion_swarm.dht.records import PeerRecord
 from legion_swarm.errors import PeerUnreachableError, SwarmMismatchError
@@ -52,6 +52,29 @@ class SwarmView:
 
 def _peer_id_of_maddr(maddr: str) -> str:
     return maddr.rsplit("/p2p/", 1)[1]
+
+
+async def _hello_with_retries(
+    host: Host, peer_id: str, wanted: str | None, deadline: float, answered: asyncio.Event
+) -> Hello:
+    """Handshake with one entry peer, retrying transient failures (a stream reset under load) with backoff.
+
+    Retries stop at ``deadline`` or as soon as any entry peer has answered (``answered``), so a dead
+    peer in the list never holds up a join that a live one made possible.
+    """
+    delay = 0.1
+    while True:
+        try:
+            hello = await say_hello(host, peer_id, wanted, timeout=max(deadline - time.perf_counter(), 0.1))
+        except Exception as e:  # reset, timeout, dial failure, garbage: all retried the same way
+            if answered.is_set() or time.perf_counter() + delay >= deadline:
+                raise
+            logger.debug("[%s] hello to %s failed (%r); retrying in %.1f s", host.short_id, peer_id[-8:], e, delay)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 1.0)
+        else:
+            answered.set()
+            return hello
 
 
 class SwarmPeer:
@@ -145,8 +168,10 @@ class SwarmPeer:
         if not config.host.initial_peers:
             return wanted or DEFAULT_SWARM
         peer_ids = list(dict.fromkeys(_peer_id_of_maddr(m) for m in config.host.initial_peers))
+        deadline = time.perf_counter() + timeout
+        answered = asyncio.Event()
         replies = await asyncio.gather(
-            *(say_hello(host, p, wanted, timeout=timeout) for p in peer_ids), return_exceptions=True
+            *(_hello_with_retries(host, p, wanted, deadline, answered) for p in peer_ids), return_exceptions=True
         )
         hellos, failures = [], []
         for peer_id, reply in zip(peer_ids, replies, strict=True):

@@ -182,3 +182,19 @@ async def test_create_cancelled_while_the_daemon_starts_leaves_nothing() -> None
     with pytest.raises(asyncio.CancelledError):
         await task
     assert not (p2pd_pids() & spawned)  # reaped before create() returned, not by the GC later
+
+
+async def test_a_dead_peer_in_the_initial_list_does_not_hold_up_the_join(swarm) -> None:
+    boot, _ = swarm
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"/ip4/127.0.0.1/tcp/{s.getsockname()[1]}/p2p/QmdtW6xneAJGp1wtT5edc5K73XWU2uWXhNoEV1vFStwsWt"
+    cfg = config(dead, boot.maddrs[0])
+    started = time.monotonic()
+    peer = await SwarmPeer.create(cfg)
+    try:
+        # Retries for the dead peer stop once the live one answered, long before the join deadline.
+        assert time.monotonic() - started < cfg.join_timeout_s / 2
+        assert peer.swarm == "t"
+    finally:
+        await peer.aclose()
