@@ -9,7 +9,9 @@
     │   └── SwarmMismatchError      the entry peer serves another swarm
     ├── NetworkError                the network did not cooperate (CLI exit code 1)
     │   ├── PeerUnreachableError    none of the initial peers answered in time
-    │   └── ProtocolError           a peer sent a malformed, oversized or unexpected message
+    │   ├── ProtocolError           a peer sent a malformed, oversized or unexpected message
+    │   │   └── AuthenticationError a peer is not who it should be (signature, peer id, AEAD tag)
+    │   └── ChannelClosedError      a secure channel was closed and cannot be used
     ├── RecordError                 a DHT record failed its schema or signature check
     └── CodecError                  a tensor cannot be encoded, or a wire message is malformed
 
@@ -50,6 +52,14 @@ class PeerUnreachableError(NetworkError):
 
 class ProtocolError(NetworkError):
     """A peer sent a malformed, oversized, truncated or unexpected message."""
+
+
+class AuthenticationError(ProtocolError):
+    """The peer is not who it should be: bad signature, wrong peer id, unauthorized, or a failed AEAD tag."""
+
+
+class ChannelClosedError(NetworkError):
+    """The channel was closed (by either side, or after an earlier error) and cannot be used."""
 
 
 class RecordError(LegionError, ValueError):
