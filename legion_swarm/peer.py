@@ -23,8 +23,8 @@ from legion_swarm.dht.membership import Hello, Membership, read_members, say_hel
 from legion_swarm.dht.node import Found, SwarmDHT, dht_time
 from legion_swarm.dht.records import PeerRecord
 from legion_swarm.errors import PeerUnreachableError, SwarmMismatchError
-from legion_swarm.transport.host import Host, short_peer_id
-from legion_swarm.transport.identity import Identity
+from legion_swarm.transport.host import Host
+from legion_swarm.transport.identity import Identity, short_peer_id
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ async def _hello_with_retries(
         except Exception as e:  # reset, timeout, dial failure, garbage: all retried the same way
             if answered.is_set() or time.perf_counter() + delay >= deadline:
                 raise
-            logger.debug("[%s] hello to %s failed (%r); retrying in %.1f s", host.short_id, peer_id[-8:], e, delay)
+            tag = short_peer_id(peer_id)
+            logger.debug("[%s] hello to %s failed (%r); retrying in %.1f s", host.short_id, tag, e, delay)
             await asyncio.sleep(delay)
             delay = min(2 * delay, 1.0)
         else:
@@ -177,7 +178,7 @@ class SwarmPeer:
         for peer_id, reply in zip(peer_ids, replies, strict=True):
             if isinstance(reply, Exception):  # unreachable, timed out, or spoke garbage
                 failures.append(f"{short_peer_id(peer_id)}: {reply or type(reply).__name__}")
-                logger.info("[%s] entry peer %s did not answer hello: %r", host.short_id, peer_id[-8:], reply)
+                logger.info("[%s] entry peer %s did not answer hello: %r", host.short_id, short_peer_id(peer_id), reply)
             elif isinstance(reply, BaseException):
                 raise reply
             else:

@@ -7,7 +7,7 @@ from typing import Any
 from rich.table import Table
 
 from legion_swarm.peer import Member, SwarmView
-from legion_swarm.transport.host import short_peer_id
+from legion_swarm.transport.identity import short_peer_id
 
 _DASH = "—"
 

@@ -21,7 +21,8 @@ from legion_swarm.dht.node import Found, SwarmDHT, dht_time
 from legion_swarm.dht.records import Hardware, PeerRecord, peers_key
 from legion_swarm.errors import LegionError, ProtocolError
 from legion_swarm.transport.framing import read_message, write_message
-from legion_swarm.transport.host import Host, short_peer_id
+from legion_swarm.transport.host import Host
+from legion_swarm.transport.identity import short_peer_id
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from hivemind.p2p import P2P, P2PDaemonError, PeerID
 
 from legion_swarm.config import HostConfig
 from legion_swarm.errors import AddressInUseError, NetworkError, PeerUnreachableError
-from legion_swarm.transport.identity import Identity
+from legion_swarm.transport.identity import Identity, short_peer_id
 
 logger = logging.getLogger(__name__)
 
@@ -209,8 +209,3 @@ class _DropShutdownNoise(logging.Filter):
 
 
 logging.getLogger("hivemind.p2p.p2p_daemon").addFilter(_DropShutdownNoise())
-
-
-def short_peer_id(peer_id: str) -> str:
-    """Last 8 characters: enough to tell peers apart in logs and tables."""
-    return peer_id[-8:]

@@ -72,6 +72,11 @@ def decode_key_message(buf: bytes) -> tuple[int, bytes]:
     return key_type, buf[pos:]
 
 
+def short_peer_id(peer_id: str) -> str:
+    """Last 8 characters of a peer id: enough to tell peers apart in logs and tables."""
+    return peer_id[-8:]
+
+
 @functools.lru_cache(maxsize=4096)
 def peer_id_of(public_key_message: bytes) -> str:
     """Base58 libp2p peer id of a serialized ``PublicKey`` message (RSA keys are always hashed).

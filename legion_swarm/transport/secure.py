@@ -53,7 +53,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 
 from legion_swarm.errors import AuthenticationError, ChannelClosedError, NetworkError, ProtocolError
 from legion_swarm.transport.framing import pack_message, read_message, write_message
-from legion_swarm.transport.identity import Identity, peer_id_of, verify
+from legion_swarm.transport.identity import Identity, peer_id_of, short_peer_id, verify
 from legion_swarm.transport.record_layer import (
     FLAG_CLOSE,
     FLAG_END,
@@ -114,7 +114,7 @@ class SecureChannel(asyncio.BufferedProtocol):
         """The peer's libp2p id, proven by its signature over this channel's handshake."""
         self.role = role
         self._tx, self._rx = tx, rx
-        self._tag = f"[{local_peer_id[-8:]}↔{remote_peer_id[-8:]}]"
+        self._tag = f"[{short_peer_id(local_peer_id)}↔{short_peer_id(remote_peer_id)}]"
         self._send_lock, self._recv_lock = asyncio.Lock(), asyncio.Lock()
         self._error: BaseException | None = None  # first failure: the channel is dead
         self._error_reported = False
@@ -408,7 +408,7 @@ async def _initiate(
         await channel.recv(0)  # the responder's first record, an empty message: it accepted us, keys agree
     except NetworkError as e:
         raise AuthenticationError(f"peer {their_id} did not confirm the handshake: {e}") from None
-    logger.debug("[%s] secure channel to %s established", identity.peer_id[-8:], their_id[-8:])
+    logger.debug("[%s] secure channel to %s established", short_peer_id(identity.peer_id), short_peer_id(their_id))
     return channel
 
 
@@ -448,7 +448,7 @@ async def _respond(
         tx=RecordCipher(r2i), rx=RecordCipher(i2r),
     )  # fmt: skip
     await channel.send(b"")  # confirmation; the initiator sends nothing before it, so nothing is left unread
-    logger.debug("[%s] secure channel from %s established", identity.peer_id[-8:], their_id[-8:])
+    logger.debug("[%s] secure channel from %s established", short_peer_id(identity.peer_id), short_peer_id(their_id))
     return channel
 
 
