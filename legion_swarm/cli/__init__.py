@@ -62,6 +62,10 @@ def _seconds(p: argparse.ArgumentParser, flag: str, default: float | None, help:
     p.add_argument(flag, metavar="SECONDS", type=check, default=default, help=help)
 
 
+def _peer_flag(p: argparse.ArgumentParser, help: str, *, required: bool) -> None:
+    p.add_argument("--peer", metavar="MADDR", action="append", required=required, type=_dial_maddr, help=help)
+
+
 def _peers_count(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 64:
         raise ValueError(f"bad peer count {text!r}: expected 1-64")
@@ -108,36 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bootstrap", parents=[common], help="run a stable entry node for a swarm")
     p.add_argument("--swarm", type=_swarm_name, default=DEFAULT_SWARM, help="swarm name (default: %(default)s)")
-    p.add_argument(
-        "--peer",
-        metavar="MADDR",
-        action="append",
-        type=_dial_maddr,
-        help="another bootstrap node or member to link up with (repeatable; default: start a new swarm)",
-    )
+    _peer_flag(p, "another bootstrap node or member to link up with (repeatable; default: new swarm)", required=False)
     listening(p, DEFAULT_BOOTSTRAP_PORT)
 
     p = sub.add_parser("join", parents=[common], help="join a swarm through any of its peers")
-    p.add_argument(
-        "--peer",
-        metavar="MADDR",
-        action="append",
-        required=True,
-        type=_dial_maddr,
-        help="full multiaddr of a swarm member, /ip4/A/tcp/P/p2p/ID (repeatable)",
-    )
+    _peer_flag(p, "full multiaddr of a swarm member, /ip4/A/tcp/P/p2p/ID (repeatable)", required=True)
     p.add_argument("--swarm", type=_swarm_name, help="swarm to join (default: the entry peer's swarm)")
     listening(p, 0)
 
     p = sub.add_parser("status", parents=[common], help="show a swarm's members (never joins as a member)")
-    p.add_argument(
-        "--peer",
-        metavar="MADDR",
-        action="append",
-        required=True,
-        type=_dial_maddr,
-        help="full multiaddr of a swarm member (repeatable)",
-    )
+    _peer_flag(p, "full multiaddr of a swarm member (repeatable)", required=True)
     p.add_argument("--swarm", type=_swarm_name, help="swarm to show (default: the entry peer's swarm)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     _seconds(p, "--watch", None, "refresh every SECONDS until Ctrl+C")
