@@ -111,8 +111,6 @@ class SwarmPeer:
         """
         t0 = time.perf_counter()
         deadline = t0 + config.join_timeout_s
-        if identity is None and config.host.identity_path is None:
-            identity = await asyncio.to_thread(Identity.generate)  # ~0.1 s of RSA key search, off the loop
         host = await asyncio.wait_for(Host.create(config.host, identity), config.join_timeout_s)
         t_host = time.perf_counter()
         try:

@@ -8,15 +8,24 @@ from legion_swarm.errors import IdentityError
 from legion_swarm.transport.identity import Identity, decode_key_message, encode_key_message, peer_id_of, verify
 
 
-@pytest.fixture(scope="module")
-def identity() -> Identity:
-    return Identity.generate()
+@pytest.fixture(scope="module", params=["ed25519", "rsa"])
+def identity(request: pytest.FixtureRequest) -> Identity:
+    return Identity.generate() if request.param == "ed25519" else Identity.generate_rsa()
 
 
-def test_peer_id_matches_libp2p_derivation(identity: Identity) -> None:
-    # hivemind derives the peer id from the key file exactly as p2pd does.
-    assert PeerID.from_identity(identity.to_bytes()).to_base58() == identity.peer_id
+def test_rsa_peer_id_matches_hiveminds_derivation() -> None:
+    # hivemind derives an RSA key file's peer id as p2pd does (it has no Ed25519 equivalent; for those,
+    # Host.create checks our peer id against the one the running daemon reports).
+    rsa_identity = Identity.generate_rsa()
+    assert PeerID.from_identity(rsa_identity.to_bytes()).to_base58() == rsa_identity.peer_id
+    assert rsa_identity.peer_id.startswith("Qm")
+
+
+def test_ed25519_peer_ids_inline_the_key() -> None:
+    identity = Identity.generate()
+    assert identity.peer_id.startswith("12D3KooW")  # identity multihash of a 36-byte key message
     assert peer_id_of(identity.public_key) == identity.peer_id
+    assert Identity.from_bytes(identity.to_bytes()).peer_id == identity.peer_id
 
 
 def test_key_message_round_trip() -> None:
@@ -45,20 +54,24 @@ def test_save_never_overwrites(tmp_path, identity: Identity) -> None:
 def test_bad_identity_files_raise_identity_error(tmp_path) -> None:
     garbage = tmp_path / "garbage.key"
     garbage.write_bytes(b"\x00not a key at all")
-    with pytest.raises(IdentityError, match="not a libp2p RSA private key"):
+    with pytest.raises(IdentityError, match="not a libp2p private key"):
         Identity.load(garbage)
     with pytest.raises(IdentityError, match="cannot read"):
         Identity.load(tmp_path)  # a directory
     with pytest.raises(IdentityError, match="cannot read"):
         Identity.load(tmp_path / "missing.key")
-    ed25519 = tmp_path / "ed.key"
-    ed25519.write_bytes(encode_key_message(1, b"\x01" * 64))
-    with pytest.raises(IdentityError, match="not RSA"):
-        Identity.load(ed25519)
+    mismatched = tmp_path / "ed.key"
+    mismatched.write_bytes(encode_key_message(1, b"\x01" * 64))  # Ed25519 whose public half is wrong
+    with pytest.raises(IdentityError, match="does not match"):
+        Identity.load(mismatched)
+    secp256k1 = tmp_path / "k1.key"
+    secp256k1.write_bytes(encode_key_message(2, b"\x01" * 32))
+    with pytest.raises(IdentityError, match="not supported"):
+        Identity.load(secp256k1)
 
 
 def test_signatures_bind_key_and_data(identity: Identity) -> None:
-    other = Identity.generate()
+    other = Identity.generate_rsa() if identity.peer_id.startswith("12D3") else Identity.generate()
     signature = identity.sign(b"payload")
     assert verify(identity.public_key, b"payload", signature)
     assert not verify(identity.public_key, b"payload!", signature)

@@ -72,7 +72,7 @@ class SignedSubkeyValidator(RecordValidatorBase):
 
     CACHE_SIZE = 4096
     """Records remembered as valid. The same record is checked again and again (every replica's answer,
-    every Kademlia hand-over to a new node); re-checking costs an RSA verify plus a schema pass."""
+    every Kademlia hand-over to a new node); re-checking costs a signature check plus a schema pass."""
 
     def __init__(self, identity: Identity):
         self._identity = identity
