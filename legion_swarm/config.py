@@ -6,7 +6,6 @@ flag fails fast with a :class:`~legion_swarm.errors.ConfigError` before any daem
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -178,6 +177,3 @@ class PeerConfig:
             raise ConfigError("join_timeout_s must exceed dht.wait_timeout_s, or a join can never finish")
         if self.host.client_mode and self.membership.role != "observer":
             raise ConfigError("a client-mode host can only be an observer")
-
-    def replace(self, **changes: object) -> PeerConfig:
-        return dataclasses.replace(self, **changes)

@@ -100,8 +100,11 @@ async def serve(args: argparse.Namespace, role: str, command: str) -> int:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=args.report_every)
             if not stop.is_set():
-                with contextlib.suppress(Exception):
+                try:
                     view = await asyncio.wait_for(peer.view(), timeout=10)
+                except (Exception, asyncio.TimeoutError) as e:  # a report, not a duty: say why and go on
+                    logger.warning("[%s] could not read the swarm for the periodic report: %r", peer.tag, e)
+                else:
                     logger.info("[%s] swarm %r: %d peers alive", peer.tag, peer.swarm, len(view.members))
     finally:
         await peer.aclose()

@@ -13,6 +13,7 @@ import contextlib
 import glob
 import logging
 import os
+import sys
 from dataclasses import dataclass, replace
 
 from legion_swarm import __version__
@@ -81,7 +82,7 @@ def _gpu_name() -> str | None:
             for line in f:
                 if line.startswith("Model:"):
                     return line.split(":", 1)[1].strip()
-    torch = __import__("sys").modules.get("torch")
+    torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         return str(torch.cuda.get_device_name(0))
     return None
