@@ -234,7 +234,7 @@ class SwarmPeer:
             if self.membership is not None:
                 try:
                     await asyncio.wait_for(self.membership.leave(), budget / 2)
-                except (Exception, asyncio.TimeoutError) as e:  # departure notice is best effort
+                except (TimeoutError, Exception) as e:  # departure notice is best effort
                     logger.info("[%s] departure notice not stored: %s", self.tag, e)
             if self.dht is not None:
                 with contextlib.suppress(Exception, asyncio.TimeoutError):

@@ -90,7 +90,7 @@ class PeerProcess:
         """Exit code, or None if still running after ``timeout`` seconds."""
         try:
             return await asyncio.wait_for(self.proc.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
 
 
@@ -126,7 +126,7 @@ async def start_process(name: str, argv: list[str], *, ready_timeout: float = 30
     peer._drain = asyncio.create_task(drain(), name=f"drain-{name}")
     try:
         await asyncio.wait_for(asyncio.shield(ready), ready_timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     if not peer.maddrs or not peer.running:
         await stop_process(peer)

@@ -96,7 +96,7 @@ async def run_cli(*args: str, timeout: float = 60.0) -> CliResult:
     )  # fmt: skip
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
         raise AssertionError(f"legion-swarm {' '.join(args)} did not finish in {timeout} s") from None

@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(COMMANDS[args.command](args))
     except KeyboardInterrupt:
         return 130
-    except (ConfigError, LegionError, asyncio.TimeoutError) as e:
+    except (TimeoutError, ConfigError, LegionError) as e:
         if debug:
             logger.exception("%s failed", args.command)
         code = 2 if isinstance(e, ConfigError) else 1

@@ -102,7 +102,7 @@ async def serve(args: argparse.Namespace, role: str, command: str) -> int:
             if not stop.is_set():
                 try:
                     view = await asyncio.wait_for(peer.view(), timeout=10)
-                except (Exception, asyncio.TimeoutError) as e:  # a report, not a duty: say why and go on
+                except (TimeoutError, Exception) as e:  # a report, not a duty: say why and go on
                     logger.warning("[%s] could not read the swarm for the periodic report: %r", peer.tag, e)
                 else:
                     logger.info("[%s] swarm %r: %d peers alive", peer.tag, peer.swarm, len(view.members))

@@ -50,7 +50,7 @@ async def serve_hello(host: Host, swarm: str, role: str) -> None:
             if not isinstance(request, dict):
                 raise ProtocolError("hello request is not a map")
             await write_message(writer, {"swarm": swarm, "version": __version__, "role": role})
-        except (ProtocolError, asyncio.TimeoutError, ConnectionError) as e:
+        except (TimeoutError, ProtocolError, ConnectionError) as e:
             logger.info("[%s] bad hello from %s: %s", host.short_id, stream_info, e)
         finally:
             writer.close()
@@ -143,7 +143,7 @@ class Membership:
             try:
                 if not await self.publish():
                     logger.warning("[%s] heartbeat refused by the last replica asked; retrying next beat", tag)
-            except (LegionError, OSError, asyncio.TimeoutError) as e:
+            except (TimeoutError, LegionError, OSError) as e:
                 logger.warning("[%s] heartbeat failed: %s", tag, e)
 
     async def leave(self) -> None:
