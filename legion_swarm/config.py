@@ -177,3 +177,86 @@ class PeerConfig:
             raise ConfigError("join_timeout_s must exceed dht.wait_timeout_s, or a join can never finish")
         if self.host.client_mode and self.membership.role != "observer":
             raise ConfigError("a client-mode host can only be an observer")
+
+
+CODECS = ("none", "fp16", "bf16", "int8", "int4", "topk")
+"""Codec names (mirrors :func:`legion_swarm.codecs.available_codecs`, which needs torch; a test keeps them equal)."""
+PLANES = ("auto", "direct", "libp2p")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CollectiveConfig:
+    """How a group moves tensors in one round: codecs, chunking, data plane and per-phase deadlines.
+
+    A round runs its phases back to back, each with its own deadline measured from the round's start::
+
+        connect | reduce-scatter (+ owner update) | all-gather | commit (two vote exchanges)
+
+    so ``round_timeout_s`` is their sum: no round lasts longer, whatever its members do. Every member of a
+    group must use the same codecs and ``chunk_elems`` (checked in the round's hello).
+    """
+
+    codec: str = "none"
+    """Codec of the reduce-scatter contributions: none, fp16, bf16, int8, int4 or topk (with error feedback)."""
+    gather_codec: str | None = None
+    """Codec of the all-gathered results; ``None``: the same as ``codec``, except ``none`` after ``topk``."""
+    quant_block: int | None = None
+    """Elements per absmax block for int8 / int4 (a multiple of 8); ``None``: the codec's default (256 / 128)."""
+    topk_fraction: float = 0.01
+    """Fraction of the elements that ``topk`` sends per chunk."""
+    chunk_elems: int = 1 << 20
+    """Elements per chunk: encoding, sending, receiving and reducing overlap at this granularity."""
+    plane: str = "auto"
+    """``direct`` (authenticated, encrypted TCP), ``libp2p`` (p2pd streams; through NAT and relays) or
+    ``auto``: direct when the peer publishes an endpoint we can reach, libp2p otherwise."""
+    connect_timeout_s: float = 5.0
+    """Opening and authenticating the channels to every other member."""
+    reduce_timeout_s: float = 60.0
+    """Reduce-scatter: every contribution to this peer's shard has arrived, or its sender is left out."""
+    gather_timeout_s: float = 60.0
+    """All-gather: every owner's result has arrived, or that shard is missing this round."""
+    commit_timeout_s: float = 4.0
+    """The two vote exchanges that make every survivor commit the same set of shards (half each)."""
+    stall_timeout_s: float = 15.0
+    """A channel silent this long inside a phase is a stalled peer, excluded without waiting for the phase."""
+
+    def __post_init__(self) -> None:
+        for name, value in (("codec", self.codec), ("gather_codec", self.gather_codec)):
+            if value is not None and value not in CODECS:
+                raise ConfigError(f"bad {name} {value!r}: expected one of {', '.join(CODECS)}")
+        if self.gather_codec == "topk":
+            raise ConfigError("gather_codec cannot be topk: the unselected values of a result would be lost")
+        if self.quant_block is not None and (not 8 <= self.quant_block <= 1 << 20 or self.quant_block % 8):
+            raise ConfigError(f"quant_block must be a multiple of 8 in [8, 2**20], got {self.quant_block}")
+        if not 0 < self.topk_fraction <= 1:
+            raise ConfigError(f"topk_fraction must be in (0, 1], got {self.topk_fraction}")
+        if not 1024 <= self.chunk_elems <= 1 << 24:
+            raise ConfigError(f"chunk_elems must be in [1024, 2**24], got {self.chunk_elems}")
+        if self.plane not in PLANES:
+            raise ConfigError(f"bad plane {self.plane!r}: expected one of {', '.join(PLANES)}")
+        for name in ("connect_timeout_s", "reduce_timeout_s", "gather_timeout_s", "commit_timeout_s"):
+            _positive(name, getattr(self, name))
+        _positive("stall_timeout_s", self.stall_timeout_s)
+        if self.stall_timeout_s > min(self.reduce_timeout_s, self.gather_timeout_s):
+            raise ConfigError("stall_timeout_s must not exceed reduce_timeout_s or gather_timeout_s")
+        if self.connect_timeout_s > self.reduce_timeout_s:
+            raise ConfigError("connect_timeout_s must not exceed reduce_timeout_s")
+
+    @property
+    def resolved_gather_codec(self) -> str:
+        if self.gather_codec is not None:
+            return self.gather_codec
+        return "none" if self.codec == "topk" else self.codec
+
+    @property
+    def round_timeout_s(self) -> float:
+        """The longest a round can take: the sum of the phase deadlines."""
+        return self.connect_timeout_s + self.reduce_timeout_s + self.gather_timeout_s + self.commit_timeout_s
+
+    def codec_options(self, name: str) -> dict[str, float | int]:
+        """Keyword arguments of :func:`legion_swarm.codecs.get_codec` for codec ``name``."""
+        if name in ("int8", "int4") and self.quant_block is not None:
+            return {"block": self.quant_block}
+        if name == "topk":
+            return {"fraction": self.topk_fraction}
+        return {}

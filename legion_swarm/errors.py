@@ -11,7 +11,8 @@
     │   ├── PeerUnreachableError    none of the initial peers answered in time
     │   ├── ProtocolError           a peer sent a malformed, oversized or unexpected message
     │   │   └── AuthenticationError a peer is not who it should be (signature, peer id, AEAD tag)
-    │   └── ChannelClosedError      a secure channel was closed and cannot be used
+    │   ├── ChannelClosedError      a secure channel was closed and cannot be used
+    │   └── RoundTimeoutError       a collective round overran its deadline (a bug, or this peer stalled)
     ├── RecordError                 a DHT record failed its schema or signature check
     └── CodecError                  a tensor cannot be encoded, or a wire message is malformed
 
@@ -60,6 +61,11 @@ class AuthenticationError(ProtocolError):
 
 class ChannelClosedError(NetworkError):
     """The channel was closed (by either side, or after an earlier error) and cannot be used."""
+
+
+class RoundTimeoutError(NetworkError):
+    """A collective round did not finish by its deadline. Never happens to a member that keeps running: every
+    phase has its own deadline and the round ends when the last one passes."""
 
 
 class RecordError(LegionError, ValueError):

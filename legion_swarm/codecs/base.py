@@ -259,7 +259,23 @@ def from_wire(header: bytes, buffers: Sequence[bytes | bytearray | memoryview], 
         raise CodecError(f"malformed codec message ({type(e).__name__}: {e})") from None
 
 
-def _from_wire(header: bytes, buffers: Sequence[bytes | bytearray | memoryview], expected_numel: int | None) -> Encoded:
+def wire_layout(header: bytes, *, numel: int) -> tuple[str, list[tuple[str, int]]]:
+    """Validate a wire header alone; return the codec name and the buffers (dtype, length) that must follow.
+
+    A receiver calls this before reading any buffer, so that it allocates exactly what a valid message
+    of ``numel`` elements needs and nothing a peer merely claims."""
+    try:
+        cls, _, _, expected = _parse_header(header, numel)
+    except CodecError:
+        raise
+    except Exception as e:
+        raise CodecError(f"malformed codec header ({type(e).__name__}: {e})") from None
+    return cls.name, expected
+
+
+def _parse_header(
+    header: bytes, expected_numel: int | None
+) -> tuple[type[Codec], int, dict[str, int], list[tuple[str, int]]]:
     if not isinstance(header, (bytes, bytearray, memoryview)):
         raise CodecError(f"header must be bytes, got {type(header).__name__}")
     if len(header) > MAX_HEADER_BYTES:
@@ -290,17 +306,27 @@ def _from_wire(header: bytes, buffers: Sequence[bytes | bytearray | memoryview],
     except ConfigError as e:
         raise CodecError(f"bad {name} params {params!r}: {e}") from None
     expected = cls.layout(numel, params)
-    if not isinstance(buffers, (list, tuple)):
-        raise CodecError(f"buffers must be a list of bytes-like objects, got {type(buffers).__name__}")
     declared = fields["buffers"]
     if not isinstance(declared, list) or [_as_pair(d) for d in declared] != [list(e) for e in expected]:
         raise CodecError(f"{name} message of {numel} elements must carry buffers {expected}, header says {declared!r}")
+    return cls, numel, dict(params), expected
+
+
+def _from_wire(header: bytes, buffers: Sequence[bytes | bytearray | memoryview], expected_numel: int | None) -> Encoded:
+    cls, numel, params, expected = _parse_header(header, expected_numel)
+    if not isinstance(buffers, (list, tuple)):
+        raise CodecError(f"buffers must be a list of bytes-like objects, got {type(buffers).__name__}")
     if len(buffers) != len(expected):
-        raise CodecError(f"{name} message needs {len(expected)} buffers, got {len(buffers)}")
+        raise CodecError(f"{cls.name} message needs {len(expected)} buffers, got {len(buffers)}")
     tensors = tuple(_wrap(buf, dtype, length) for buf, (dtype, length) in zip(buffers, expected, strict=True))
-    enc = Encoded(codec=name, numel=numel, params=dict(params), buffers=tensors)
+    enc = Encoded(codec=cls.name, numel=numel, params=params, buffers=tensors)
     cls.check(enc)
     return enc
+
+
+def wire_buffer(dtype: str, length: int) -> np.ndarray:
+    """An uninitialised array to receive a wire buffer of ``length`` elements of ``dtype`` (from a layout)."""
+    return np.empty(length, dtype=_DTYPES[dtype][1])
 
 
 def _as_pair(item: object) -> object:
