@@ -19,10 +19,13 @@ import logging
 import os
 import signal
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from hivemind.p2p import P2P, P2PDaemonError, PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import raise_if_failed, read_pbmsg_safe, write_pbmsg
+from hivemind.proto import p2pd_pb2
+from hivemind.utils.multiaddr import Multiaddr
 
 from legion_swarm.config import HostConfig
 from legion_swarm.errors import AddressInUseError, NetworkError, PeerUnreachableError
@@ -160,6 +163,43 @@ class Host:
         visible = {str(m) for m in await self.p2p.get_visible_maddrs(latest=True)}
         announced = tuple(self.config.announce)
         return sorted(visible, key=lambda m: (not m.startswith(announced) if announced else False, m))
+
+    async def connect(self, peer_id: str, maddrs: Sequence[str]) -> None:
+        """Make the daemon connect to ``peer_id`` at known addresses (``/ip4/A/tcp/P``, with or without the
+        trailing ``/p2p/<peer_id>``), so that streams can then be opened to it without a DHT lookup.
+
+        Empty ``maddrs``: the daemon uses what it already knows. Raises :class:`PeerUnreachableError` if the
+        daemon cannot connect (it tries every address; its dial timeout is its own, wrap this in
+        ``asyncio.wait_for`` for a tighter one), ``ValueError`` for a malformed address or one of another peer.
+        """
+        target = PeerID.from_base58(peer_id)
+        addresses = []
+        for maddr in maddrs:
+            head, p2p, last = maddr.rpartition("/p2p/")
+            if p2p and "/" not in last:  # ends in /p2p/<id> (a relay's id is followed by /p2p-circuit)
+                if last != peer_id:
+                    raise ValueError(f"address {maddr} belongs to another peer than {peer_id}")
+                maddr = head
+            addresses.append(Multiaddr(maddr).to_bytes())  # raises ValueError if malformed
+        request = p2pd_pb2.Request(
+            type=p2pd_pb2.Request.CONNECT, connect=p2pd_pb2.ConnectRequest(peer=target.to_bytes(), addrs=addresses)
+        )
+        # hivemind's ``Client.connect`` does the same, but leaves its daemon connection open when cancelled.
+        connector: Any = self.p2p._client.control.daemon_connector  # type: ignore[union-attr]
+        try:
+            reader, writer = await connector.open_connection()
+        except OSError as e:
+            raise NetworkError(f"cannot reach our own p2pd (host closed?): {e!r}") from None
+        try:
+            await write_pbmsg(writer, request)
+            response = p2pd_pb2.Response()
+            await read_pbmsg_safe(reader, response)
+            raise_if_failed(response)
+        except (P2PDaemonError, asyncio.IncompleteReadError, ConnectionError) as e:
+            reason = str(e).removeprefix("Connect failed. msg=") or repr(e)
+            raise PeerUnreachableError(f"cannot connect to {short_peer_id(peer_id)}: {reason}") from None
+        finally:
+            writer.transport.abort()  # the daemon answered (or we gave up): nothing more to flush
 
     async def add_stream_handler(self, name: str, handler: Callable[..., Any]) -> None:
         await self.p2p.add_binary_stream_handler(name, handler)

@@ -163,7 +163,10 @@ class SecureChannel(asyncio.BufferedProtocol):
                 self._check_connected()
             except BaseException as e:
                 # Cancelled with the whole message (or nothing) written: the stream is still in step.
-                if not (isinstance(e, asyncio.CancelledError) and not partial):
+                if isinstance(e, asyncio.CancelledError):
+                    if partial:  # the next caller must see a closed channel, not someone else's cancellation
+                        self._fail(ChannelClosedError(f"{self._tag} a send was cancelled inside a message"))
+                else:
                     self._fail(e)
                 raise
 
