@@ -1,0 +1,684 @@
+"""One collective round of a group: reduce-scatter → owner update → all-gather → commit.
+
+A group of G members (ordered; rank ``s`` owns shard ``s`` of the partition plan) runs, per member::
+
+    connect     the lower rank of each pair opens a channel, both send a hello (group digest, rank, setup)
+    reduce      send shard s of my tensors, chunk by chunk, to its owner s; receive every member's chunks of
+                my shard and decode them as they arrive. At the phase deadline (or once all are in) I alone
+                fix my shard's contributor set: me plus every member whose contribution arrived complete
+                and valid. Average in rank order (collectives.reference), then ``update_fn``.
+    gather      send my result (contributor list, then chunks) to every member; receive theirs into staging
+                buffers. The result is encoded once and I keep its *decoded* value, so all hold the same bits.
+    commit      two vote exchanges of broken links ("edges"): (1) the members I excluded or lack the result
+                of, (2) the union of the stage-1 edges I heard. Every member computes the same set of faulty
+                members from the edges (:func:`faulty_members`) and drops their shards: everyone's tensors keep
+                those shards' pre-round values. Two stages make the edge set identical on every survivor
+                whenever at most one member fails (crash, stall or garbage) during the round: a faulty member's
+                stage-1 vote either reached some survivor, which relays it in stage 2, or reached nobody, and
+                its stage-2 vote is only heard by members that also heard its stage-1 vote. A member that
+                lacks a shard has an edge to its owner, so one of the two is declared faulty: no survivor is
+                ever asked to commit a shard it does not have.
+
+Failures come back as values: a member that dies, stalls or sends anything invalid is excluded for the round
+(its channel closed, the reason logged), its contribution is left out by the owners that had not received it
+whole, and its shard is missing. Every wait has a deadline (``CollectiveConfig``), so a round ends by
+``round_timeout_s`` whatever the others do. Only a bug in ``update_fn`` or an injected crash raises.
+
+Memory per member, beyond the caller's tensors: the (G-1) decoded contributions to its shard and the staging
+buffers of the other shards, together about one model's worth of float32.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from legion_swarm.codecs import Codec, Encoded, ErrorFeedback, decode, from_wire, get_codec, to_wire
+from legion_swarm.codecs.base import wire_buffer
+from legion_swarm.collectives import wire
+from legion_swarm.collectives.faults import FaultInjector, FaultPlan, InjectedCrash
+from legion_swarm.collectives.partition import PartitionPlan, plan_partition
+from legion_swarm.collectives.reference import weighted_average
+from legion_swarm.config import CollectiveConfig
+from legion_swarm.errors import CodecError, NetworkError, ProtocolError, RoundTimeoutError
+from legion_swarm.groups.info import GroupInfo
+from legion_swarm.transport.dataplane import Channel, DataPlane
+from legion_swarm.transport.identity import short_peer_id
+from legion_swarm.transport.secure import SecureChannel
+
+logger = logging.getLogger(__name__)
+
+UpdateFn = Callable[[int, torch.Tensor], torch.Tensor]
+"""``update_fn(shard, averaged) -> new values``: runs on the owner with its averaged shard (1-D float32)."""
+
+_GRACE_S = 1.0  # past the last phase deadline, before a round is declared hung
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What one member saw of a round. Survivors of a round agree on ``committed``, ``missing_shards`` and
+    ``contributors`` (and hold bit-identical tensors); ``excluded`` is this member's own view."""
+
+    rank: int
+    group: GroupInfo
+    plan: PartitionPlan
+    committed: tuple[int, ...]
+    """Shards whose new values are now in the output tensors."""
+    missing_shards: tuple[int, ...]
+    """Shards that kept their pre-round values here: those of the faulty members on every survivor."""
+    faulty: tuple[int, ...]
+    """Members declared faulty by the commit vote (the same on every survivor). A member declared faulty
+    may miss more shards than the survivors; its tensors then differ from theirs until the next sync."""
+    contributors: dict[int, tuple[int, ...]]
+    """Ranks averaged into each committed shard, as its owner decided."""
+    excluded: dict[int, str]
+    """Members this peer stopped talking to during the round, and why."""
+    shard: torch.Tensor | None
+    """This member's own result (averaged + updated, as decoded by everyone), or None."""
+    planes: dict[int, str]
+    """Data plane used with each other member: ``direct`` or ``libp2p``."""
+    timings: dict[str, float]
+    """Seconds since the round's start at which each phase ended."""
+    reduced: bool = True
+    """False for an all-gather alone, whose shards have their owner as only contributor."""
+
+    @property
+    def missing_peers(self) -> tuple[str, ...]:
+        """Peer ids of the owners of missing shards."""
+        return tuple(self.group.members[s].peer_id for s in self.missing_shards)
+
+    @property
+    def complete(self) -> bool:
+        """Every shard committed, with every member's contribution (if the round reduced)."""
+        everyone = tuple(range(self.group.size))
+        return not self.missing_shards and (not self.reduced or all(c == everyone for c in self.contributors.values()))
+
+
+@dataclass(eq=False)
+class _Peer:
+    rank: int
+    channel: Channel | None = None
+    incoming: asyncio.Future[Channel] | None = None
+    excluded: str | None = None
+    contribution: torch.Tensor | None = None  # decoded, complete contribution to my shard
+    weight: float = 0.0
+    result: tuple[tuple[int, ...], float] | None = None  # (contributors, weight) of its shard, once received whole
+    staging: torch.Tensor | None = None
+    votes: dict[int, frozenset[wire.Edge]] = field(default_factory=dict)
+    done: dict[str, asyncio.Event] = field(
+        default_factory=lambda: {phase: asyncio.Event() for phase in ("connect", "reduce", "gather", "vote1", "vote2")}
+    )
+    sent_encodings: list[tuple[object, Encoded]] = field(default_factory=list)
+    plane: str = "-"
+
+
+class Round:
+    """The state of one round for one member; :meth:`run` it once."""
+
+    def __init__(
+        self, plane: DataPlane, group: GroupInfo, tensors: Sequence[torch.Tensor], *, config: CollectiveConfig,
+        weight: float, update_fn: UpdateFn | None, out: Sequence[torch.Tensor] | None, reduce: bool, gather: bool,
+        error_feedback: ErrorFeedback | None, faults: FaultPlan | None,
+    ):  # fmt: skip
+        self.plane, self.group, self.config = plane, group, config
+        self.rank = group.rank_of(plane.identity.peer_id)
+        self.tensors = list(tensors)
+        self.out = self.tensors if out is None else list(out)
+        _check_tensors(self.tensors, self.out)
+        if reduce and not (isinstance(weight, (int, float)) and 0 < weight <= wire.MAX_WEIGHT):
+            raise ValueError(f"weight must be a number in (0, {wire.MAX_WEIGHT:g}], got {weight!r}")
+        self.weight = float(weight) if reduce else 1.0
+        self.update_fn, self.reduce, self.gather = update_fn, reduce, gather
+        self.plan = plan_partition([t.numel() for t in self.tensors], group.size, [m.bandwidth for m in group.members])
+        self.codec: Codec = get_codec(config.codec, **config.codec_options(config.codec))
+        gather_name = config.resolved_gather_codec
+        self.gather_codec: Codec = get_codec(gather_name, **config.codec_options(gather_name))
+        self.ef = error_feedback if error_feedback is not None and not self.codec.lossless else None
+        self.faults = FaultInjector(faults) if faults is not None else None
+        self.setup = [config.codec, gather_name, config.chunk_elems, reduce, gather]
+        self.peers = {r: _Peer(r) for r in range(group.size) if r != self.rank}
+        self.tag = f"[{short_peer_id(plane.identity.peer_id)}/{group.round_id.hex()[:8]}]"
+        self.my_result: torch.Tensor | None = None
+        self.my_contributors: tuple[int, ...] = (self.rank,)
+        self.my_result_weight = self.weight
+        self.encoded_result: list[tuple[bytes, list[memoryview]]] = []
+        self.result_ready = asyncio.Event()
+        self.vote_ready = {1: asyncio.Event(), 2: asyncio.Event()}
+        self.my_votes: dict[int, frozenset[wire.Edge]] = {}
+        self.dropped: frozenset[int] = frozenset()
+        self.edges: frozenset[wire.Edge] = frozenset()
+        self.send_garbage = False  # an injected fault: garbage instead of the result
+        self.timings: dict[str, float] = {}
+        self.t0 = 0.0
+        self.deadline: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------ driver
+
+    async def run(self) -> RoundResult:
+        loop = asyncio.get_running_loop()
+        self.t0 = t = loop.time()
+        c = self.config
+        for phase, length in (
+            ("connect", c.connect_timeout_s), ("reduce", c.reduce_timeout_s), ("gather", c.gather_timeout_s),
+            ("vote1", c.commit_timeout_s / 2), ("vote2", c.commit_timeout_s / 2),
+        ):  # fmt: skip
+            t += length
+            self.deadline[phase] = t
+        for peer in self.peers.values():
+            if peer.rank < self.rank:
+                peer.incoming = loop.create_future()
+        try:
+            async with asyncio.timeout_at(t + _GRACE_S):
+                async with self.plane.expect(self.group.round_id + self.group.digest[:8]) as inbox:
+                    async with asyncio.TaskGroup() as tasks:
+                        if any(p.rank < self.rank for p in self.peers.values()):
+                            tasks.create_task(self._accept(inbox))
+                        for peer in self.peers.values():
+                            tasks.create_task(self._session(peer))
+                        await self._coordinate()
+        except TimeoutError:
+            raise RoundTimeoutError(f"{self.tag} round overran its {c.round_timeout_s:.1f} s deadline") from None
+        except BaseExceptionGroup as group:
+            crash = group.subgroup(InjectedCrash)
+            if crash is not None:
+                raise _leaves(crash)[0] from None
+            errors = _leaves(group)
+            if len(errors) == 1:  # a bug (e.g. in update_fn): raise it as it is, not wrapped in task groups
+                raise errors[0] from None
+            raise
+        finally:
+            await self._close_all()
+        return self._commit()
+
+    async def _coordinate(self) -> None:
+        await self._wait_all("reduce")
+        self._mark("reduce_scatter")
+        self._reduce_own_shard()
+        self._mark("update")
+        self.send_garbage = await self._hook("after_reduce") == "garbage"
+        self.result_ready.set()
+        await self._wait_all("gather")
+        self._mark("all_gather")
+        edges = frozenset(
+            _edge(self.rank, p.rank)
+            for p in self.peers.values()
+            if p.excluded is not None or (self.gather and p.result is None)
+        )
+        for stage in (1, 2):
+            self.my_votes[stage] = edges
+            self.vote_ready[stage].set()
+            await self._wait_all(f"vote{stage}")
+            for peer in self.peers.values():
+                edges |= peer.votes.get(stage, frozenset())
+        self.edges = edges
+        self.dropped = faulty_members(edges) if self.gather else frozenset()
+        self._mark("commit")
+
+    async def _wait_all(self, phase: str) -> None:
+        """Until every peer is past ``phase`` (or excluded), or the phase deadline; stragglers are excluded."""
+        waits = [p.done[phase].wait() for p in self.peers.values()]
+        if self.faults is not None:
+            await self.faults.checkpoint()
+        remaining = self.deadline[phase] - asyncio.get_running_loop().time()
+        if waits:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, remaining)):
+                    await asyncio.gather(*waits)
+        for peer in self.peers.values():
+            if not peer.done[phase].is_set():
+                self._exclude(peer, f"{phase} deadline passed")
+
+    def _mark(self, phase: str) -> None:
+        self.timings[phase] = asyncio.get_running_loop().time() - self.t0
+
+    async def _hook(self, phase: str) -> str | None:
+        if self.faults is None:
+            return None
+        kind = self.faults.trigger(phase)
+        if kind == "kill":
+            raise InjectedCrash(f"{self.tag} crash injected at {phase}")
+        await self.faults.checkpoint()
+        return kind
+
+    # ------------------------------------------------------------------------------------------ connect
+
+    async def _accept(self, inbox: object) -> None:
+        """Hand channels opened by lower ranks to their sessions; refuse anyone else."""
+        waiting = {p.rank for p in self.peers.values() if p.rank < self.rank}
+        while waiting:
+            try:
+                async with asyncio.timeout_at(self.deadline["connect"]):
+                    channel = await inbox.get()  # type: ignore[attr-defined]
+            except TimeoutError:
+                return  # the sessions still waiting time out on their own
+            rank = next((r for r in waiting if self.group.members[r].peer_id == channel.remote_peer_id), None)
+            if rank is None:
+                logger.info("%s refused a channel from %s: not expected", self.tag, channel.remote_peer_id)
+                await channel.aclose()
+                continue
+            waiting.discard(rank)
+            future = self.peers[rank].incoming
+            if future is not None and not future.done():
+                future.set_result(channel)
+            else:
+                await channel.aclose()
+
+    async def _session(self, peer: _Peer) -> None:
+        loop = asyncio.get_running_loop()
+        member = self.group.members[peer.rank]
+        budget = self.deadline["connect"] - loop.time()
+        try:
+            if peer.rank > self.rank:
+                peer.channel = await self.plane.connect(
+                    member.peer_id, self.group.round_id + self.group.digest[:8], direct=member.direct,
+                    maddrs=member.maddrs, plane=self.config.plane, timeout=max(0.01, budget),
+                )  # fmt: skip
+            else:
+                assert peer.incoming is not None
+                async with asyncio.timeout(max(0.0, budget)):
+                    peer.channel = await peer.incoming
+            peer.plane = _plane_name(peer.channel)
+            await self._send(peer, wire.hello(self.group.digest, self.rank, self.setup), "connect")
+            raw = await self._recv(peer, wire.MAX_CONTROL_BYTES, "connect")
+            wire.check_hello(raw, group_digest=self.group.digest, rank=peer.rank, setup=self.setup)
+        except (NetworkError, OSError, TimeoutError) as e:
+            self._exclude(peer, f"connect: {e!r}")
+            return
+        finally:
+            peer.done["connect"].set()
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._sender(peer))
+            tasks.create_task(self._receiver(peer))
+
+    # ------------------------------------------------------------------------------------------ sending
+
+    async def _sender(self, peer: _Peer) -> None:
+        try:
+            if self.faults is not None:  # "before_send" means: every channel open, nothing sent yet
+                await self._wait_all("connect")
+            if await self._hook("before_send") == "garbage":
+                return await self._send_garbage(peer)
+            if self.reduce:
+                await self._send_contribution(peer)
+            if self.gather:
+                await self.result_ready.wait()
+                await self._send_result(peer)
+            for stage in (1, 2):
+                await self.vote_ready[stage].wait()
+                await self._send(peer, wire.vote(stage, self.my_votes[stage]), f"vote{stage}")
+        except (NetworkError, OSError, TimeoutError) as e:
+            self._exclude(peer, f"send: {e!r}")
+
+    async def _send_contribution(self, peer: _Peer) -> None:
+        start, end = self.plan.bounds[peer.rank]
+        data = self._shard_data(peer.rank)
+        chunks = _chunks(end - start, self.config.chunk_elems)
+        for i, (offset, length) in enumerate(chunks):
+            if i == len(chunks) // 2 and i > 0 and await self._hook("mid_reduce_scatter") == "garbage":
+                return await self._send_garbage(peer)
+            piece = data[offset : offset + length]
+            if self.ef is not None:
+                key = ("rs", start + offset, length)
+                enc = self.ef.encode(piece, key)
+                peer.sent_encodings.append((key, enc))
+            else:
+                enc = self.codec.encode(piece)
+            header, buffers = to_wire(enc)
+            await self._send(peer, wire.chunk_header("rs", peer.rank, offset, header, self.weight), "reduce")
+            for buffer in buffers:
+                await self._send(peer, buffer, "reduce")
+
+    async def _send_result(self, peer: _Peer) -> None:
+        ordinal = sorted(self.peers).index(peer.rank)
+        n_others = len(self.peers)
+        try:
+            if self.faults is not None:
+                kind = await self.faults.gather_turn(ordinal, n_others)
+                if kind == "kill":
+                    raise InjectedCrash(f"{self.tag} crash injected at mid_all_gather")
+                if kind is not None:
+                    await self.faults.checkpoint()
+                if kind == "garbage" or self.send_garbage:
+                    return await self._send_garbage(peer)
+            header = wire.result_header(self.rank, self.my_contributors, self.my_result_weight)
+            await self._send(peer, header, "gather")
+            for chunk_header, buffers in self.encoded_result:
+                await self._send(peer, chunk_header, "gather")
+                for buffer in buffers:
+                    await self._send(peer, buffer, "gather")
+        finally:
+            if self.faults is not None:
+                self.faults.gather_sent(ordinal, n_others)
+
+    async def _send_garbage(self, peer: _Peer) -> None:
+        assert self.faults is not None
+        await self._send(peer, self.faults.garbage(), "reduce")
+        raise NetworkError("sent garbage (injected fault): the peer will drop this channel")
+
+    async def _send(self, peer: _Peer, data: object, phase: str) -> None:
+        if self.faults is not None:
+            await self.faults.checkpoint()
+        channel = peer.channel
+        if channel is None or peer.excluded is not None:
+            raise NetworkError("peer excluded")
+        timeout = min(self.config.stall_timeout_s, self.deadline[phase] - asyncio.get_running_loop().time())
+        async with asyncio.timeout(max(0.0, timeout)):
+            await channel.send(data)  # type: ignore[arg-type]
+
+    # ---------------------------------------------------------------------------------------- receiving
+
+    async def _receiver(self, peer: _Peer) -> None:
+        phase = "reduce"
+        try:
+            if self.reduce:
+                await self._receive_contribution(peer)
+            peer.done["reduce"].set()
+            phase = "gather"
+            if self.gather:
+                await self._receive_result(peer)
+            peer.done["gather"].set()
+            for stage in (1, 2):
+                phase = f"vote{stage}"
+                await self.vote_ready[stage].wait()  # the peer votes when its previous phase is over, as we do
+                raw = await self._recv(peer, wire.MAX_CONTROL_BYTES, phase)
+                peer.votes[stage] = wire.check_vote(raw, stage=stage, group_size=self.group.size)
+                peer.done[phase].set()
+        except (NetworkError, OSError, TimeoutError) as e:
+            self._exclude(peer, f"{phase}: {e!r}")
+
+    async def _receive_contribution(self, peer: _Peer) -> None:
+        size = self.plan.sizes[self.rank]
+        target = torch.empty(size, dtype=torch.float32)
+        weight: float | None = None
+        for offset, length in _chunks(size, self.config.chunk_elems):
+            raw = await self._recv(peer, wire.MAX_CONTROL_BYTES, "reduce")
+            header, layout = wire.check_chunk(
+                raw, phase="rs", shard=self.rank, offset=offset, numel=length, codec=self.codec.name
+            )
+            if weight is None:
+                weight = header["weight"]
+            elif header["weight"] != weight:
+                raise ProtocolError(f"weight changed from {weight} to {header['weight']} within a contribution")
+            await self._receive_chunk(peer, header["codec"], layout, target[offset : offset + length], "reduce")
+        peer.contribution, peer.weight = target, weight if weight is not None else 1.0
+
+    async def _receive_result(self, peer: _Peer) -> None:
+        size = self.plan.sizes[peer.rank]
+        # An owner sends its result once its own reduce-scatter is over, which waits for the same slow
+        # contributors as ours: start the silence clock when ours is over too.
+        await self.result_ready.wait()
+        raw = await self._recv(peer, wire.MAX_CONTROL_BYTES, "gather")
+        meta = wire.check_result(raw, shard=peer.rank, group_size=self.group.size)
+        if not self.reduce and meta[0] != (peer.rank,):
+            raise ProtocolError("an all-gather result has its owner as only contributor")
+        staging = torch.empty(size, dtype=torch.float32)
+        for offset, length in _chunks(size, self.config.chunk_elems):
+            raw = await self._recv(peer, wire.MAX_CONTROL_BYTES, "gather")
+            header, layout = wire.check_chunk(
+                raw, phase="ag", shard=peer.rank, offset=offset, numel=length, codec=self.gather_codec.name
+            )
+            await self._receive_chunk(peer, header["codec"], layout, staging[offset : offset + length], "gather")
+        peer.staging, peer.result = staging, meta
+
+    async def _receive_chunk(
+        self, peer: _Peer, codec_header: bytes, layout: list[tuple[str, int]], out: torch.Tensor, phase: str
+    ) -> None:
+        """Receive a chunk's buffers and decode them into ``out``; raw float32 lands in ``out`` directly."""
+        in_place = layout == [("float32", out.numel())]
+        buffers: list[np.ndarray] = []
+        for dtype, length in layout:
+            buffer = out.numpy() if in_place else wire_buffer(dtype, length)
+            got = await self._recv_into(peer, buffer, phase)
+            if got != buffer.nbytes:
+                raise ProtocolError(f"buffer of {got} bytes, expected {buffer.nbytes}")
+            buffers.append(buffer)
+        try:
+            enc = from_wire(codec_header, [memoryview(b).cast("B") for b in buffers], numel=out.numel())
+            if not in_place:
+                decode(enc, out=out)
+        except CodecError as e:
+            if in_place:
+                out.zero_()  # nothing of a rejected chunk stays anywhere
+            raise ProtocolError(f"rejected chunk: {e}") from None
+
+    async def _recv(self, peer: _Peer, max_bytes: int, phase: str) -> bytes:
+        channel = await self._before_recv(peer)
+        async with asyncio.timeout(self._recv_timeout(phase)):
+            return await channel.recv(max_bytes)
+
+    async def _recv_into(self, peer: _Peer, buffer: np.ndarray, phase: str) -> int:
+        channel = await self._before_recv(peer)
+        async with asyncio.timeout(self._recv_timeout(phase)):
+            return await channel.recv_into(memoryview(buffer).cast("B"))
+
+    async def _before_recv(self, peer: _Peer) -> Channel:
+        if self.faults is not None:
+            await self.faults.checkpoint()
+        if peer.channel is None or peer.excluded is not None:
+            raise NetworkError("peer excluded")
+        return peer.channel
+
+    def _recv_timeout(self, phase: str) -> float:
+        remaining = self.deadline[phase] - asyncio.get_running_loop().time()
+        return max(0.0, min(self.config.stall_timeout_s, remaining))
+
+    # ------------------------------------------------------------------------------------------ compute
+
+    def _shard_data(self, shard: int) -> torch.Tensor:
+        """Shard ``shard`` of the input tensors as a 1-D float32 tensor: a view when it lies in one tensor."""
+        pieces = self.plan.slices_for(shard)
+        if len(pieces) == 1:
+            piece = pieces[0]
+            return self.tensors[piece.tensor].detach().reshape(-1)[piece.start : piece.end]
+        return self.plan.extract(self.tensors, shard)
+
+    def _reduce_own_shard(self) -> None:
+        own = self._shard_data(self.rank)
+        if self.reduce:
+            contributions = [(own, self.weight)]
+            ranks = [self.rank]
+            for peer in sorted(self.peers.values(), key=lambda p: p.rank):
+                if peer.contribution is not None:
+                    contributions.append((peer.contribution, peer.weight))
+                    ranks.append(peer.rank)
+            order = sorted(range(len(ranks)), key=ranks.__getitem__)  # rank order: everyone's oracle order
+            averaged = weighted_average([contributions[i] for i in order])
+            self.my_contributors = tuple(sorted(ranks))
+            self.my_result_weight = float(sum(w for _, w in contributions))
+            result = averaged if self.update_fn is None else self.update_fn(self.rank, averaged)
+            if not (isinstance(result, torch.Tensor) and result.shape == averaged.shape):
+                raise TypeError(f"update_fn must return a tensor of shape {tuple(averaged.shape)}")
+            result = result.detach().to(torch.float32)
+        else:
+            result = own.clone()
+        if self.gather:
+            # Encode once for every receiver, and keep the decoded value: the owner holds the same bits.
+            decoded = torch.empty_like(result)
+            for offset, length in _chunks(result.numel(), self.config.chunk_elems):
+                enc = self.gather_codec.encode(result[offset : offset + length])
+                header, buffers = to_wire(enc)
+                self.encoded_result.append((wire.chunk_header("ag", self.rank, offset, header, None), buffers))
+                decode(enc, out=decoded[offset : offset + length])
+            result = decoded
+        self.my_result = result
+
+    # ------------------------------------------------------------------------------------------ endings
+
+    def _exclude(self, peer: _Peer, reason: str) -> None:
+        if peer.excluded is not None:
+            return
+        peer.excluded = reason
+        logger.warning("%s excluded rank %d (%s) for this round: %s", self.tag, peer.rank,
+                       short_peer_id(self.group.members[peer.rank].peer_id), reason)  # fmt: skip
+        if peer.channel is not None:
+            channel, peer.channel = peer.channel, None
+            asyncio.get_running_loop().create_task(channel.aclose())
+        for event in peer.done.values():
+            event.set()
+
+    async def _close_all(self) -> None:
+        channels = [p.channel for p in self.peers.values() if p.channel is not None]
+        for peer in self.peers.values():
+            peer.channel = None
+            if peer.incoming is not None and peer.incoming.done() and not peer.incoming.cancelled():
+                if peer.incoming.result() not in channels:
+                    channels.append(peer.incoming.result())
+        await asyncio.gather(*(c.aclose() for c in channels), return_exceptions=True)
+
+    def _commit(self) -> RoundResult:
+        committed: list[int] = []
+        contributors: dict[int, tuple[int, ...]] = {}
+        if not self.gather:  # reduce-scatter alone: this member's shard is its own business
+            committed, contributors = [self.rank], {self.rank: self.my_contributors}
+        for shard in range(self.group.size) if self.gather else ():
+            if shard in self.dropped:
+                continue
+            if shard == self.rank:
+                assert self.my_result is not None
+                values, contributors[shard] = self.my_result, self.my_contributors
+            else:
+                peer = self.peers[shard]
+                if peer.result is None or peer.staging is None:
+                    continue  # only possible for a member declared faulty itself: it diverges this round
+                values, contributors[shard] = peer.staging, peer.result[0]
+            self.plan.assign(self.out, shard, values)
+            committed.append(shard)
+        self._restore_residuals(contributors)
+        missing = tuple(s for s in range(self.group.size) if s not in committed) if self.gather else ()
+        return RoundResult(
+            rank=self.rank, group=self.group, plan=self.plan, committed=tuple(committed), missing_shards=missing,
+            faulty=tuple(sorted(self.dropped)), contributors=contributors,
+            excluded={p.rank: p.excluded for p in self.peers.values() if p.excluded}, shard=self.my_result,
+            planes={r: p.plane for r, p in self.peers.items()}, timings=self.timings, reduced=self.reduce,
+        )  # fmt: skip
+
+    def _restore_residuals(self, contributors: dict[int, tuple[int, ...]]) -> None:
+        """Error feedback: what an owner did not average in (or a dropped shard) goes back into the residual."""
+        if self.ef is None or not self.gather:
+            return
+        for peer in self.peers.values():
+            if self.rank in contributors.get(peer.rank, ()):
+                continue
+            for key, enc in peer.sent_encodings:
+                residual = self.ef.residual(key)
+                if residual is not None:
+                    residual.add_(decode(enc))
+
+
+def faulty_members(edges: frozenset[wire.Edge]) -> frozenset[int]:
+    """The members declared faulty, given the broken links everyone agreed on: the single member that touches
+    every edge if there is exactly one (under one failure per round, the culprit), else every member that
+    touches an edge (the evidence cannot tell who failed, e.g. one broken link between two members).
+    Either way every edge has a faulty end, so no member outside the set lacks a shard outside it."""
+    if not edges:
+        return frozenset()
+    touching = frozenset(r for edge in edges for r in edge)
+    covering = [r for r in sorted(touching) if all(r in edge for edge in edges)]
+    return frozenset(covering) if len(covering) == 1 else touching
+
+
+def _edge(a: int, b: int) -> wire.Edge:
+    return (a, b) if a < b else (b, a)
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups."""
+    leaves: list[BaseException] = []
+    for error in group.exceptions:
+        leaves.extend(_leaves(error) if isinstance(error, BaseExceptionGroup) else [error])
+    return leaves
+
+
+def _plane_name(channel: Channel | None) -> str:
+    if channel is None:
+        return "-"
+    return "direct" if isinstance(channel, SecureChannel) else "libp2p"
+
+
+def _chunks(size: int, chunk: int) -> list[tuple[int, int]]:
+    """(offset, length) of each chunk; an empty shard still has one empty chunk (it carries the weight)."""
+    return [(o, min(chunk, size - o)) for o in range(0, size, chunk)] or [(0, 0)]
+
+
+def _check_tensors(tensors: Sequence[torch.Tensor], out: Sequence[torch.Tensor]) -> None:
+    for t in (*tensors, *out):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.device.type != "cpu":
+            raise TypeError("collectives take CPU float32 tensors")
+        if not t.is_contiguous():
+            raise ValueError("collectives need contiguous tensors")
+    if [t.numel() for t in tensors] != [t.numel() for t in out]:
+        raise ValueError("out must have the sizes of tensors")
+
+
+class Collectives:
+    """Sharded collectives of one peer over its :class:`DataPlane`; keeps the error-feedback residuals of
+    lossy codecs across rounds.
+
+    ::
+
+        coll = Collectives(plane, CollectiveConfig(codec="int8"))
+        result = await coll.all_reduce(group, [grad])               # average in place
+        result = await coll.sharded_step(group, grads, update_fn, out=params, weight=n_samples)
+    """
+
+    def __init__(self, plane: DataPlane, config: CollectiveConfig | None = None) -> None:
+        self.plane = plane
+        self.config = config or CollectiveConfig()
+        codec = self.config.codec
+        self.error_feedback = ErrorFeedback(get_codec(codec, **self.config.codec_options(codec)))
+        self.last_plan: PartitionPlan | None = None
+        """The partition of the latest round (set before it starts: an ``update_fn`` may use it)."""
+
+    async def sharded_step(
+        self, group: GroupInfo, tensors: Sequence[torch.Tensor], update_fn: UpdateFn | None, *,
+        weight: float = 1.0, out: Sequence[torch.Tensor] | None = None, faults: FaultPlan | None = None,
+    ) -> RoundResult:  # fmt: skip
+        """Reduce-scatter ``tensors`` (weighted by ``weight``), let each owner map its averaged shard through
+        ``update_fn``, and all-gather the results into ``out`` (default: ``tensors``). Shards that are not
+        committed keep their pre-round values in ``out``. If ``update_fn`` keeps state (optimizer moments),
+        it should apply it only for shards in ``result.committed``."""
+        return await self._run(group, tensors, weight, update_fn, out, reduce=True, gather=True, faults=faults)
+
+    async def all_reduce(
+        self, group: GroupInfo, tensors: Sequence[torch.Tensor], *, weight: float = 1.0, faults: FaultPlan | None = None
+    ) -> RoundResult:
+        """Weighted average of ``tensors`` across the group, in place."""
+        return await self._run(group, tensors, weight, None, None, reduce=True, gather=True, faults=faults)
+
+    async def reduce_scatter(
+        self, group: GroupInfo, tensors: Sequence[torch.Tensor], *, weight: float = 1.0, faults: FaultPlan | None = None
+    ) -> RoundResult:
+        """Average only this member's shard: ``result.shard`` (``tensors`` are not modified)."""
+        return await self._run(group, tensors, weight, None, None, reduce=True, gather=False, faults=faults)
+
+    async def all_gather(
+        self, group: GroupInfo, tensors: Sequence[torch.Tensor], *, faults: FaultPlan | None = None
+    ) -> RoundResult:
+        """Every member sends its own shard of ``tensors``; everyone's copies are overwritten with the owners'."""
+        return await self._run(group, tensors, 1.0, None, None, reduce=False, gather=True, faults=faults)
+
+    async def _run(
+        self, group: GroupInfo, tensors: Sequence[torch.Tensor], weight: float, update_fn: UpdateFn | None,
+        out: Sequence[torch.Tensor] | None, *, reduce: bool, gather: bool, faults: FaultPlan | None,
+    ) -> RoundResult:  # fmt: skip
+        round_ = Round(
+            self.plane, group, tensors, config=self.config, weight=weight, update_fn=update_fn, out=out,
+            reduce=reduce, gather=gather, error_feedback=self.error_feedback, faults=faults,
+        )  # fmt: skip
+        if self.last_plan is not None and round_.plan.bounds != self.last_plan.bounds:
+            self.error_feedback.reset()  # shards moved: old residuals belong to other elements
+        self.last_plan = round_.plan
+        started = time.perf_counter()
+        result = await round_.run()
+        logger.info(
+            "%s round done in %.3f s: committed %s, missing %s, excluded %s", round_.tag,
+            time.perf_counter() - started, list(result.committed), list(result.missing_shards), result.excluded,
+        )  # fmt: skip
+        return result
