@@ -3,7 +3,7 @@
 Two planes sit behind one :class:`Channel` interface (``send`` / ``recv`` / ``recv_into`` / ``aclose``):
 
 - **direct**: a TCP connection secured by :mod:`~legion_swarm.transport.secure` (both ends prove their
-  libp2p identity; AES-256-GCM records). Fast, but needs the peer to be reachable at its published endpoint.
+  libp2p identity; AES-256-OCB3 records). Fast, but needs the peer to be reachable at its published endpoint.
 - **libp2p**: a ``p2pd`` stream (:mod:`~legion_swarm.transport.p2p_stream`), which libp2p authenticates and
   routes through NAT and relays; slower (every byte crosses two daemons).
 

@@ -13,12 +13,12 @@ from typing import Literal
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.aead import AESOCB3
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 from legion_swarm.errors import AuthenticationError, ProtocolError
 
-PROTOCOL = "legion-swarm/secure/1"
+PROTOCOL = "legion-swarm/secure/2"
 """Version string; bound into the transcript, so peers of different versions never agree on keys."""
 
 MAX_RECORD_PLAINTEXT = 1 << 20
@@ -84,7 +84,7 @@ def parse_header(header: BytesLike) -> tuple[int, int]:
 
 
 class RecordCipher:
-    """One direction's record protection: AES-256-GCM key, IV, record counter and implicit key updates.
+    """One direction's record protection: AES-256-OCB3 key, IV, record counter and implicit key updates.
 
     Sender and receiver of a direction build one each from the same secret; their counters advance in step.
     """
@@ -97,7 +97,7 @@ class RecordCipher:
         self._install()
 
     def _install(self) -> None:
-        self._aead = AESGCM(_expand(self._secret, b"key", 32))
+        self._aead = AESOCB3(_expand(self._secret, b"key", 32))
         self._iv = int.from_bytes(_expand(self._secret, b"iv", 12), "big")
 
     def next_nonce(self) -> bytes:
