@@ -218,7 +218,8 @@ class CollectiveConfig:
     commit_timeout_s: float = 4.0
     """The two vote exchanges that make every survivor commit the same set of shards (half each)."""
     stall_timeout_s: float = 15.0
-    """A channel silent this long inside a phase is a stalled peer, excluded without waiting for the phase."""
+    """A channel silent this long inside a phase is a stalled peer, excluded without waiting for the phase.
+    At least ``connect_timeout_s``: a live member may spend that long waiting for a dead one's channel."""
 
     def __post_init__(self) -> None:
         for name, value in (("codec", self.codec), ("gather_codec", self.gather_codec)):
@@ -239,8 +240,10 @@ class CollectiveConfig:
         _positive("stall_timeout_s", self.stall_timeout_s)
         if self.stall_timeout_s > min(self.reduce_timeout_s, self.gather_timeout_s):
             raise ConfigError("stall_timeout_s must not exceed reduce_timeout_s or gather_timeout_s")
-        if self.connect_timeout_s > self.reduce_timeout_s:
-            raise ConfigError("connect_timeout_s must not exceed reduce_timeout_s")
+        if self.connect_timeout_s > self.stall_timeout_s:
+            # A member may wait that long for a channel (a peer that died while connecting), and the others
+            # must not take it for stalled meanwhile.
+            raise ConfigError("connect_timeout_s must not exceed stall_timeout_s")
 
     @property
     def resolved_gather_codec(self) -> str:

@@ -208,15 +208,27 @@ def check_input(x: torch.Tensor) -> torch.Tensor:
     return x.detach().contiguous()
 
 
+def min_max(x: torch.Tensor) -> tuple[float, float]:
+    """Smallest and largest element of a non-empty tensor; NaN if it holds a NaN (both propagate it).
+
+    On CPU through numpy: single-threaded, ~30 GB/s. ``torch.aminmax`` may wake OpenMP threads, and with
+    more busy processes than cores each such call costs a scheduler time slice (measured: 4 s instead of
+    0.6 s for a 4-process all-reduce)."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float16):
+        values = x.detach().numpy()
+        return float(values.min()), float(values.max())
+    lo, hi = torch.aminmax(x)
+    return float(lo), float(hi)
+
+
 def check_finite_range(x: torch.Tensor, limit: float, what: str) -> None:
     """Raise :class:`CodecError` unless every element of ``x`` is finite with ``|x| <= limit``.
 
-    One reduction pass (``aminmax`` propagates NaN and sees ±inf), no temporary tensor.
+    Two reduction passes (min and max propagate NaN and see ±inf), no temporary tensor.
     """
     if x.numel() == 0:
         return
-    lo, hi = torch.aminmax(x)
-    lo, hi = float(lo), float(hi)
+    lo, hi = min_max(x)
     if math.isnan(lo) or math.isnan(hi):
         raise CodecError(f"cannot encode {what}: tensor contains NaN")
     if not (-limit <= lo and hi <= limit):

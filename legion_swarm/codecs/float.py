@@ -21,6 +21,7 @@ should pick ``bf16`` / ``int8``, which cover the whole float32 range).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -33,6 +34,7 @@ from legion_swarm.codecs.base import (
     check_finite_range,
     check_input,
     check_output,
+    min_max,
     register,
     require,
 )
@@ -84,15 +86,9 @@ class _CastCodec(Codec):
     def check(cls, enc: Encoded) -> None:
         (payload,) = enc.buffers
         if payload.numel():
-            # Infinity and NaN are the only values that decode to something non-finite, and they survive min
-            # and max. numpy's reductions run on one thread at ~30 GB/s; torch's may spin up OpenMP threads,
-            # which cost a scheduler time slice each on a busy machine.
-            if payload.dtype == torch.bfloat16:
-                lo, hi = torch.aminmax(payload)
-            else:
-                values = payload.numpy()
-                lo, hi = torch.tensor(values.min()), torch.tensor(values.max())
-            require(bool(torch.isfinite(lo) & torch.isfinite(hi)), f"{cls.name} payload contains NaN or infinity")
+            # Infinity and NaN are the only values that decode to something non-finite; min and max see them.
+            lo, hi = min_max(payload)
+            require(math.isfinite(lo) and math.isfinite(hi), f"{cls.name} payload contains NaN or infinity")
 
 
 @register

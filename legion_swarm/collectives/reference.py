@@ -13,19 +13,27 @@ from collections.abc import Sequence
 import torch
 
 
-def weighted_average(contributions: Sequence[tuple[torch.Tensor, float]]) -> torch.Tensor:
-    """``sum(w_i * x_i) / sum(w_i)`` over ``(x_i, w_i)`` in the given order, as a new float32 tensor.
+def weighted_average(
+    contributions: Sequence[tuple[torch.Tensor, float]], *, out: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """``sum(w_i * x_i) / sum(w_i)`` over ``(x_i, w_i)`` in the given order, in float32.
 
     Division is a multiplication by ``1 / sum(w)`` (a Python double, rounded to float32 by torch), so
-    every element goes through the same three kinds of rounding on any CPU."""
+    every element goes through the same three kinds of rounding on any CPU. ``out`` / ``scratch``: float32
+    buffers of the inputs' size to reuse (freshly allocated memory costs a page fault per 4 KiB)."""
     if not contributions:
         raise ValueError("nothing to average")
     first, w0 = contributions[0]
-    acc = first.to(torch.float32).mul(w0)
-    scratch = torch.empty_like(acc)
+    acc = torch.empty_like(first, dtype=torch.float32) if out is None else out
+    # Multiplying by exactly 1.0 is the identity on finite floats: skipped, a pass over memory saved.
+    acc.copy_(first) if w0 == 1.0 else torch.mul(first, w0, out=acc)
     for x, w in contributions[1:]:
-        torch.mul(x, w, out=scratch)
-        acc.add_(scratch)
+        if w == 1.0:
+            acc.add_(x)
+        else:
+            scratch = torch.empty_like(acc) if scratch is None else scratch
+            acc.add_(torch.mul(x, w, out=scratch))
     total = sum(w for _, w in contributions)
     return acc.mul_(1.0 / total)
 

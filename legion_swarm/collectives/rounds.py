@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from legion_swarm.codecs import Codec, Encoded, ErrorFeedback, decode, from_wire, get_codec, to_wire
-from legion_swarm.codecs.base import wire_buffer
+from legion_swarm.codecs.base import _DTYPES
 from legion_swarm.collectives import wire
 from legion_swarm.collectives.faults import FaultInjector, FaultPlan, InjectedCrash
 from legion_swarm.collectives.partition import PartitionPlan, plan_partition
@@ -101,6 +101,33 @@ class RoundResult:
         return not self.missing_shards and (not self.reduced or all(c == everyone for c in self.contributors.values()))
 
 
+class BufferPool:
+    """Receive and reduce buffers kept from one round to the next (same group, same shapes: same buffers).
+
+    Fresh memory costs a page fault per 4 KiB on first touch: for 100 MB of model that was a third of a
+    round. The pool holds about one model's worth of float32 between rounds; one round at a time uses it."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() != numel or buffer.dtype != dtype:
+            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype)
+        return buffer
+
+    def peek(self, key: str) -> torch.Tensor | None:
+        return self._buffers.get(key)
+
+    def wire(self, key: str, dtype: str, length: int) -> np.ndarray:
+        """A numpy array of ``length`` elements of wire dtype ``dtype`` (see ``codecs.base``)."""
+        np_dtype = _DTYPES[dtype][1]
+        return self.get(key, length * np_dtype.itemsize, torch.uint8).numpy().view(np_dtype)
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
 @dataclass(eq=False)
 class _Peer:
     rank: int
@@ -125,7 +152,7 @@ class Round:
     def __init__(
         self, plane: DataPlane, group: GroupInfo, tensors: Sequence[torch.Tensor], *, config: CollectiveConfig,
         weight: float, update_fn: UpdateFn | None, out: Sequence[torch.Tensor] | None, reduce: bool, gather: bool,
-        error_feedback: ErrorFeedback | None, faults: FaultPlan | None,
+        error_feedback: ErrorFeedback | None, faults: FaultPlan | None, buffers: BufferPool | None = None,
     ):  # fmt: skip
         self.plane, self.group, self.config = plane, group, config
         self.rank = group.rank_of(plane.identity.peer_id)
@@ -142,6 +169,7 @@ class Round:
         self.gather_codec: Codec = get_codec(gather_name, **config.codec_options(gather_name))
         self.ef = error_feedback if error_feedback is not None and not self.codec.lossless else None
         self.faults = FaultInjector(faults) if faults is not None else None
+        self.buffers = buffers if buffers is not None else BufferPool()
         self.setup = [config.codec, gather_name, config.chunk_elems, reduce, gather]
         self.peers = {r: _Peer(r) for r in range(group.size) if r != self.rank}
         self.tag = f"[{short_peer_id(plane.identity.peer_id)}/{group.round_id.hex()[:8]}]"
@@ -395,7 +423,7 @@ class Round:
 
     async def _receive_contribution(self, peer: _Peer) -> None:
         size = self.plan.sizes[self.rank]
-        target = torch.empty(size, dtype=torch.float32)
+        target = self.buffers.get(f"contribution/{peer.rank}", size)
         weight: float | None = None
         for offset, length in _chunks(size, self.config.chunk_elems):
             raw = await self._recv(peer, wire.MAX_CONTROL_BYTES, "reduce")
@@ -418,7 +446,7 @@ class Round:
         meta = wire.check_result(raw, shard=peer.rank, group_size=self.group.size)
         if not self.reduce and meta[0] != (peer.rank,):
             raise ProtocolError("an all-gather result has its owner as only contributor")
-        staging = torch.empty(size, dtype=torch.float32)
+        staging = self.buffers.get(f"staging/{peer.rank}", size)
         for offset, length in _chunks(size, self.config.chunk_elems):
             raw = await self._recv(peer, wire.MAX_CONTROL_BYTES, "gather")
             header, layout = wire.check_chunk(
@@ -433,8 +461,8 @@ class Round:
         """Receive a chunk's buffers and decode them into ``out``; raw float32 lands in ``out`` directly."""
         in_place = layout == [("float32", out.numel())]
         buffers: list[np.ndarray] = []
-        for dtype, length in layout:
-            buffer = out.numpy() if in_place else wire_buffer(dtype, length)
+        for i, (dtype, length) in enumerate(layout):
+            buffer = out.numpy() if in_place else self.buffers.wire(f"wire/{peer.rank}/{i}", dtype, length)
             got = await self._recv_into(peer, buffer, phase)
             if got != buffer.nbytes:
                 raise ProtocolError(f"buffer of {got} bytes, expected {buffer.nbytes}")
@@ -489,7 +517,11 @@ class Round:
                     contributions.append((peer.contribution, peer.weight))
                     ranks.append(peer.rank)
             order = sorted(range(len(ranks)), key=ranks.__getitem__)  # rank order: everyone's oracle order
-            averaged = weighted_average([contributions[i] for i in order])
+            averaged = weighted_average(
+                [contributions[i] for i in order],
+                out=self.buffers.get("average", own.numel()),
+                scratch=self.buffers.get("scratch", own.numel()),
+            )
             self.my_contributors = tuple(sorted(ranks))
             self.my_result_weight = float(sum(w for _, w in contributions))
             result = averaged if self.update_fn is None else self.update_fn(self.rank, averaged)
@@ -500,13 +532,15 @@ class Round:
             result = own.clone()
         if self.gather:
             # Encode once for every receiver, and keep the decoded value: the owner holds the same bits.
-            decoded = torch.empty_like(result)
+            lossless = self.gather_codec.lossless
+            decoded = result if lossless else torch.empty_like(result)
             for offset, length in _chunks(result.numel(), self.config.chunk_elems):
                 enc = self.gather_codec.encode(result[offset : offset + length])
                 header, buffers = to_wire(enc)
                 self.encoded_result.append((wire.chunk_header("ag", self.rank, offset, header, None), buffers))
-                decode(enc, out=decoded[offset : offset + length])
-            result = decoded
+                if not lossless:
+                    decode(enc, out=decoded[offset : offset + length])
+            result = decoded.clone() if decoded is self.buffers.peek("average") else decoded
         self.my_result = result
 
     # ------------------------------------------------------------------------------------------ endings
@@ -633,6 +667,8 @@ class Collectives:
         self.config = config or CollectiveConfig()
         codec = self.config.codec
         self.error_feedback = ErrorFeedback(get_codec(codec, **self.config.codec_options(codec)))
+        self.buffers = BufferPool()
+        self._one_round_at_a_time = asyncio.Lock()  # rounds share the buffers and the residuals
         self.last_plan: PartitionPlan | None = None
         """The partition of the latest round (set before it starts: an ``update_fn`` may use it)."""
 
@@ -668,15 +704,16 @@ class Collectives:
         self, group: GroupInfo, tensors: Sequence[torch.Tensor], weight: float, update_fn: UpdateFn | None,
         out: Sequence[torch.Tensor] | None, *, reduce: bool, gather: bool, faults: FaultPlan | None,
     ) -> RoundResult:  # fmt: skip
-        round_ = Round(
-            self.plane, group, tensors, config=self.config, weight=weight, update_fn=update_fn, out=out,
-            reduce=reduce, gather=gather, error_feedback=self.error_feedback, faults=faults,
-        )  # fmt: skip
-        if self.last_plan is not None and round_.plan.bounds != self.last_plan.bounds:
-            self.error_feedback.reset()  # shards moved: old residuals belong to other elements
-        self.last_plan = round_.plan
-        started = time.perf_counter()
-        result = await round_.run()
+        async with self._one_round_at_a_time:
+            round_ = Round(
+                self.plane, group, tensors, config=self.config, weight=weight, update_fn=update_fn, out=out,
+                reduce=reduce, gather=gather, error_feedback=self.error_feedback, faults=faults, buffers=self.buffers,
+            )  # fmt: skip
+            if self.last_plan is not None and round_.plan.bounds != self.last_plan.bounds:
+                self.error_feedback.reset()  # shards moved: old residuals belong to other elements
+            self.last_plan = round_.plan
+            started = time.perf_counter()
+            result = await round_.run()
         logger.info(
             "%s round done in %.3f s: committed %s, missing %s, excluded %s", round_.tag,
             time.perf_counter() - started, list(result.committed), list(result.missing_shards), result.excluded,

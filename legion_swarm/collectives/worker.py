@@ -35,6 +35,7 @@ import time
 from typing import Any
 
 import torch
+import uvloop
 
 from legion_swarm.collectives.faults import FaultPlan
 from legion_swarm.collectives.rounds import Collectives, RoundResult
@@ -103,9 +104,12 @@ async def _run_job(plane: DataPlane, job: dict[str, Any]) -> None:
         return coll.last_plan.extract(params, shard) - LR * averaged
 
     rounds = int(job.get("rounds", 1))
+    work = [t.clone() for t in inputs] if params is None else inputs
     for index in range(rounds):
         group = GroupInfo(round_id=base.round_id + index.to_bytes(4, "big"), members=members)
-        work = [t.clone() for t in inputs] if params is None else inputs
+        if params is None and index:
+            for w, t in zip(work, inputs, strict=True):  # fresh inputs without fresh memory (page faults)
+                w.copy_(t)
         started = time.perf_counter()
         try:
             if params is None:
@@ -207,8 +211,11 @@ def main() -> None:
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args()
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    # Workers share the machine's cores with each other: one intra-op thread each, or torch's OpenMP
+    # threads spin against the other members' (a parallel op then costs a scheduler time slice).
+    torch.set_num_threads(1)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(args))
+        uvloop.run(_serve(args))  # as the CLI: its transports read straight into our buffers
 
 
 if __name__ == "__main__":
