@@ -317,7 +317,15 @@ def _parse_header(
         cls.from_params(params)
     except ConfigError as e:
         raise CodecError(f"bad {name} params {params!r}: {e}") from None
-    expected = cls.layout(numel, params)
+    try:
+        expected = cls.layout(numel, params)
+    except ConfigError as e:
+        raise CodecError(f"bad {name} params {params!r} for {numel} elements: {e}") from None
+    # Defense in depth: no codec needs more than 8 bytes per element (top-k: int32 index + float32 value),
+    # and a receiver allocates what the layout says before it reads a byte.
+    wire_bytes = sum(length * _DTYPES[dtype][1].itemsize for dtype, length in expected)
+    if wire_bytes > 8 * numel + 4096:
+        raise CodecError(f"{name} message of {numel} elements would carry {wire_bytes} bytes")
     declared = fields["buffers"]
     if not isinstance(declared, list) or [_as_pair(d) for d in declared] != [list(e) for e in expected]:
         raise CodecError(f"{name} message of {numel} elements must carry buffers {expected}, header says {declared!r}")

@@ -83,6 +83,8 @@ class TopKCodec(Codec):
     @classmethod
     def layout(cls, numel: int, params: Mapping[str, int]) -> list[tuple[str, int]]:
         k = params["k"]
+        if k > numel:  # a receiver sizes its buffers from k: it must never exceed the chunk
+            raise ConfigError(f"topk keeps at most numel = {numel} entries, message says k = {k}")
         return [("int32", k), ("float32" if params["vbits"] == 32 else "float16", k)]
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,6 +217,10 @@ class ErrorFeedback:
             self._residuals.clear()
         else:
             self._residuals.pop(key, None)
+
+    def keys(self) -> list[Hashable]:
+        """The keys that hold a residual."""
+        return list(self._residuals)
 
     def __len__(self) -> int:
         return len(self._residuals)
