@@ -293,3 +293,46 @@ async def test_a_faulty_member_leaves_survivors_identical(phase: str, kind: str)
         else:
             averaged = weighted_average([(flat_grads[r][start:end], weights[r]) for r in contributors])
             assert torch.equal(flat_out[start:end], flat_p0[start:end] - LR * averaged)
+
+
+async def test_members_with_different_tensor_sizes_refuse_each_other_at_hello() -> None:
+    config = CollectiveConfig(**FAST)
+    async with planes(2) as ps:
+        group = group_of(ps)
+        a, b = [torch.ones(1000)], [torch.ones(1001)]
+        results = await asyncio.gather(
+            Collectives(ps[0], config).all_reduce(group, a), Collectives(ps[1], config).all_reduce(group, b)
+        )
+    for r, result in enumerate(results):
+        assert "setup" in result.excluded[1 - r]
+        assert result.faulty == (0, 1) and result.committed == ()
+    assert torch.equal(a[0], torch.ones(1000)) and torch.equal(b[0], torch.ones(1001))
+
+
+async def test_error_feedback_takes_back_what_a_failed_owner_never_averaged() -> None:
+    """Top-k: a survivor's residual for the shard of a member that crashed holds its whole input again (the
+    round sent nothing that counted); after a second failure in a row it is dropped, so it cannot grow."""
+    n_members, faulty = 3, 2
+    config = CollectiveConfig(codec="topk", topk_fraction=0.1, chunk_elems=1024, **{**FAST, "stall_timeout_s": 3.0})
+    inputs = make_inputs(n_members, [6000], seed=4)
+    async with planes(n_members) as ps:
+        colls = [Collectives(p, config) for p in ps]
+        for attempt in range(2):
+            group = group_of(ps)
+            plan = FaultPlan(phase="after_reduce", kind="kill", in_process=True)
+            work = clone(inputs)
+            outcome = await asyncio.gather(
+                *(c.all_reduce(group, work[r], faults=plan if r == faulty else None) for r, c in enumerate(colls)),
+                return_exceptions=True,
+            )
+            assert isinstance(outcome[faulty], InjectedCrash)
+            survivor = colls[0]
+            assert survivor.last_plan is not None
+            start, end = survivor.last_plan.bounds[faulty]
+            keys = [k for k in survivor.error_feedback.keys() if start <= k[1] < end]
+            if attempt == 0:
+                assert keys
+                restored = torch.cat([survivor.error_feedback.residual(k) for k in sorted(keys)])
+                assert torch.allclose(restored, inputs[0][0][start:end], atol=1e-6)
+            else:
+                assert keys == []

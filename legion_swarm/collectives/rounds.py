@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import msgpack
 import numpy as np
 import torch
 
@@ -170,7 +172,11 @@ class Round:
         self.ef = error_feedback if error_feedback is not None and not self.codec.lossless else None
         self.faults = FaultInjector(faults) if faults is not None else None
         self.buffers = buffers if buffers is not None else BufferPool()
-        self.setup = [config.codec, gather_name, config.chunk_elems, reduce, gather]
+        self.restored_before: frozenset[object] = frozenset()  # residual keys restored by the previous round
+        self.restored: set[object] = set()
+        # Everything members must share beyond the group itself; tensor sizes as a digest of the partition.
+        layout = hashlib.sha256(msgpack.packb([list(self.plan.numels), list(self.plan.bounds)])).digest()[:8]
+        self.setup = [config.codec, gather_name, config.chunk_elems, reduce, gather, layout]
         self.peers = {r: _Peer(r) for r in range(group.size) if r != self.rank}
         self.tag = f"[{short_peer_id(plane.identity.peer_id)}/{group.round_id.hex()[:8]}]"
         self.my_result: torch.Tensor | None = None
@@ -553,7 +559,7 @@ class Round:
                        short_peer_id(self.group.members[peer.rank].peer_id), reason)  # fmt: skip
         if peer.channel is not None:
             channel, peer.channel = peer.channel, None
-            asyncio.get_running_loop().create_task(channel.aclose())
+            self.plane.close_later(channel)  # a stalled peer must not hold up the end of our round
         for event in peer.done.values():
             event.set()
 
@@ -594,7 +600,9 @@ class Round:
         )  # fmt: skip
 
     def _restore_residuals(self, contributors: dict[int, tuple[int, ...]]) -> None:
-        """Error feedback: what an owner did not average in (or a dropped shard) goes back into the residual."""
+        """Error feedback: what an owner did not average in (or a dropped shard) goes back into the residual,
+        once. If that destination failed the previous round too, the residual is dropped instead: a peer that
+        keeps failing must not make it grow without bound (until it no longer fits the codec's range)."""
         if self.ef is None or not self.gather:
             return
         for peer in self.peers.values():
@@ -602,8 +610,13 @@ class Round:
                 continue
             for key, enc in peer.sent_encodings:
                 residual = self.ef.residual(key)
-                if residual is not None:
+                if residual is None:
+                    continue
+                if key in self.restored_before:
+                    self.ef.reset(key)
+                else:
                     residual.add_(decode(enc))
+                    self.restored.add(key)
 
 
 def faulty_members(edges: frozenset[wire.Edge]) -> frozenset[int]:
@@ -669,6 +682,7 @@ class Collectives:
         self.error_feedback = ErrorFeedback(get_codec(codec, **self.config.codec_options(codec)))
         self.buffers = BufferPool()
         self._one_round_at_a_time = asyncio.Lock()  # rounds share the buffers and the residuals
+        self._restored: set[object] = set()
         self.last_plan: PartitionPlan | None = None
         """The partition of the latest round (set before it starts: an ``update_fn`` may use it)."""
 
@@ -712,6 +726,7 @@ class Collectives:
             if self.last_plan is not None and round_.plan.bounds != self.last_plan.bounds:
                 self.error_feedback.reset()  # shards moved: old residuals belong to other elements
             self.last_plan = round_.plan
+            round_.restored_before, self._restored = frozenset(self._restored), round_.restored
             started = time.perf_counter()
             result = await round_.run()
         logger.info(

@@ -247,6 +247,11 @@ class DataPlane:
         finally:
             self._tasks.discard(task)
 
+    def close_later(self, channel: Channel) -> None:
+        """Close ``channel`` in the background (a peer that stopped reading can hold a graceful close for a
+        second); the plane owns the task and cancels it in :meth:`aclose`."""
+        self._spawn(channel.aclose())
+
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
