@@ -3,6 +3,7 @@
 Public API (imported lazily, so ``import legion_swarm`` stays cheap for the CLI)::
 
     from legion_swarm import SwarmPeer, PeerConfig, HostConfig, MembershipConfig, DHTConfig, LocalSwarm
+    from legion_swarm import DataPlane, GroupInfo, GroupMember, Collectives, CollectiveConfig, RoundResult
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ _EXPORTS = {
     "Identity": "legion_swarm.transport.identity",
     "LocalSwarm": "legion_swarm.sim",
     "PeerRecord": "legion_swarm.dht.records",
+    "DataPlane": "legion_swarm.transport.dataplane",
+    "GroupInfo": "legion_swarm.groups.info",
+    "GroupMember": "legion_swarm.groups.info",
+    "CollectiveConfig": "legion_swarm.config",
+    "Collectives": "legion_swarm.collectives.rounds",
+    "RoundResult": "legion_swarm.collectives.rounds",
+    "FaultPlan": "legion_swarm.collectives.faults",
 }
 
 __all__ = ["__version__", *_EXPORTS]
