@@ -31,6 +31,7 @@ from legion_swarm.codecs.base import (
     Codec,
     CodecError,
     Encoded,
+    all_finite_16bit,
     check_finite_range,
     check_input,
     check_output,
@@ -86,9 +87,13 @@ class _CastCodec(Codec):
     def check(cls, enc: Encoded) -> None:
         (payload,) = enc.buffers
         if payload.numel():
-            # Infinity and NaN are the only values that decode to something non-finite; min and max see them.
-            lo, hi = min_max(payload)
-            require(math.isfinite(lo) and math.isfinite(hi), f"{cls.name} payload contains NaN or infinity")
+            # Infinity and NaN are the only values that decode to something non-finite.
+            if payload.dtype == torch.float32:
+                lo, hi = min_max(payload)
+                finite = math.isfinite(lo) and math.isfinite(hi)
+            else:
+                finite = all_finite_16bit(payload)
+            require(finite, f"{cls.name} payload contains NaN or infinity")
 
 
 @register
