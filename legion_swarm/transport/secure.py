@@ -32,8 +32,8 @@ authenticated CLOSE record, so a stream that ends without one is a truncation
 (:class:`~legion_swarm.errors.ProtocolError`), not a clean close (:class:`ChannelClosedError`).
 
 AES-256-OCB3 (RFC 7253; one pass, no separate GHASH) rather than AES-256-GCM or ChaCha20-Poly1305: on one
-core of these machines it seals / opens 1 MiB records at 4.1 / 3.9 GB/s, AES-256-GCM at 2.1 / 2.2 and
-ChaCha20-Poly1305 at 2.0 (``benchmarks/bench_secure_channel.py``). The cipher is most of the direct plane's
+core of these machines it seals / opens 1 MiB records at 6.0 / 6.1 GB/s, AES-256-GCM at 3.9 / 3.9 and
+ChaCha20-Poly1305 at 2.2 (``benchmarks/bench_secure_channel.py``). The cipher is most of the direct plane's
 CPU cost: moving from GCM to OCB3 took a 4 x 100 MB all-reduce from 0.60 s to 0.51 s on two cores.
 
 After any error, and after a ``send`` / ``recv`` cancelled half-way through a message (the stream would be
