@@ -217,9 +217,10 @@ class CollectiveConfig:
     """All-gather: every owner's result has arrived, or that shard is missing this round."""
     commit_timeout_s: float = 4.0
     """The two vote exchanges that make every survivor commit the same set of shards (half each)."""
-    stall_timeout_s: float = 15.0
-    """A channel silent this long inside a phase is a stalled peer, excluded without waiting for the phase.
-    At least ``connect_timeout_s``: a live member may spend that long waiting for a dead one's channel."""
+    stall_timeout_s: float = 5.0
+    """A channel silent this long inside a phase is a stalled peer, excluded without waiting for the phase
+    (the first message of a phase may take 2x, a vote 4x: peers finish phases at different times). At least
+    ``connect_timeout_s``: a live member may spend that long waiting for a dead one's channel."""
 
     def __post_init__(self) -> None:
         for name, value in (("codec", self.codec), ("gather_codec", self.gather_codec)):

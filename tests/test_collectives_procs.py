@@ -18,8 +18,8 @@ from legion_swarm.collectives.worker import LR, WorkerProcess, make_inputs, make
 
 SIZES = [20000, 0, 777, 5003]
 CONFIG = {
-    "chunk_elems": 4096, "connect_timeout_s": 2.0, "reduce_timeout_s": 8.0, "gather_timeout_s": 8.0,
-    "commit_timeout_s": 3.0, "stall_timeout_s": 2.5,
+    "chunk_elems": 4096, "connect_timeout_s": 1.5, "reduce_timeout_s": 8.0, "gather_timeout_s": 8.0,
+    "commit_timeout_s": 3.0, "stall_timeout_s": 1.5,
 }  # fmt: skip
 
 

@@ -421,7 +421,7 @@ class Round:
             for stage in (1, 2):
                 phase = f"vote{stage}"
                 await self.vote_ready[stage].wait()  # the peer votes when its previous phase is over, as we do
-                raw = await self._recv(peer, wire.MAX_CONTROL_BYTES, phase)
+                raw = await self._recv(peer, wire.MAX_CONTROL_BYTES, phase, boundary=4)
                 peer.votes[stage] = wire.check_vote(raw, stage=stage, group_size=self.group.size)
                 peer.done[phase].set()
         except (NetworkError, OSError, TimeoutError) as e:
@@ -445,10 +445,11 @@ class Round:
 
     async def _receive_result(self, peer: _Peer) -> None:
         size = self.plan.sizes[peer.rank]
-        # An owner sends its result once its own reduce-scatter is over, which waits for the same slow
-        # contributors as ours: start the silence clock when ours is over too.
+        # An owner sends its result once its own reduce-scatter is over, which may end up to a stall timeout
+        # after ours (a contributor that went silent towards it only): the silence clock starts when ours
+        # is over and allows for that (see _recv_timeout).
         await self.result_ready.wait()
-        raw = await self._recv(peer, wire.MAX_CONTROL_BYTES, "gather")
+        raw = await self._recv(peer, wire.MAX_CONTROL_BYTES, "gather", boundary=2)
         meta = wire.check_result(raw, shard=peer.rank, group_size=self.group.size)
         if not self.reduce and meta[0] != (peer.rank,):
             raise ProtocolError("an all-gather result has its owner as only contributor")
@@ -482,9 +483,9 @@ class Round:
                 out.zero_()  # nothing of a rejected chunk stays anywhere
             raise ProtocolError(f"rejected chunk: {e}") from None
 
-    async def _recv(self, peer: _Peer, max_bytes: int, phase: str) -> bytes:
+    async def _recv(self, peer: _Peer, max_bytes: int, phase: str, *, boundary: int = 1) -> bytes:
         channel = await self._before_recv(peer)
-        async with asyncio.timeout(self._recv_timeout(phase)):
+        async with asyncio.timeout(self._recv_timeout(phase, boundary)):
             return await channel.recv(max_bytes)
 
     async def _recv_into(self, peer: _Peer, buffer: np.ndarray, phase: str) -> int:
@@ -499,9 +500,17 @@ class Round:
             raise NetworkError("peer excluded")
         return peer.channel
 
-    def _recv_timeout(self, phase: str) -> float:
+    def _recv_timeout(self, phase: str, boundary: int = 1) -> float:
+        """Silence allowed before the next message, in stall timeouts (s), never past the phase deadline.
+
+        Within a stream of messages: 1 s. The first message of a phase comes when the *peer's* previous phase
+        ends, which may be later than ours, and the clock starts when ours ends: an owner's result comes at
+        most 1 s after our reduce-scatter ends (it waited for a contributor silent towards it only): allow
+        2 s. A vote comes when the peer's all-gather ends, up to 1 s + 2 s after ours (it waited 2 s for a
+        result we already had): allow 4 s. Shorter windows let an honest member exclude honest peers that
+        are merely waiting out a faulty one, and then survivors would no longer agree."""
         remaining = self.deadline[phase] - asyncio.get_running_loop().time()
-        return max(0.0, min(self.config.stall_timeout_s, remaining))
+        return max(0.0, min(self.config.stall_timeout_s * boundary, remaining))
 
     # ------------------------------------------------------------------------------------------ compute
 
