@@ -11,12 +11,12 @@ from collections.abc import AsyncIterator, Sequence
 import pytest
 import torch
 
-from legion_swarm.codecs import get_codec
+from legion_swarm.codecs import available_codecs, get_codec
 from legion_swarm.collectives.faults import KINDS, PHASES, FaultPlan, InjectedCrash
 from legion_swarm.collectives.partition import PartitionPlan
 from legion_swarm.collectives.reference import reference_all_reduce, weighted_average
 from legion_swarm.collectives.rounds import Collectives, RoundResult
-from legion_swarm.config import CollectiveConfig
+from legion_swarm.config import CODECS, CollectiveConfig
 from legion_swarm.errors import ConfigError
 from legion_swarm.groups import GroupInfo, GroupMember
 from legion_swarm.transport.dataplane import DataPlane
@@ -198,8 +198,14 @@ async def test_bad_local_arguments_raise_before_any_traffic() -> None:
             await Collectives(ps[0]).all_reduce(group_of(ps[1:]), [torch.zeros(10)])
     with pytest.raises(ConfigError, match="stall_timeout_s"):
         CollectiveConfig(stall_timeout_s=10, reduce_timeout_s=5)
+    with pytest.raises(ConfigError, match="connect_timeout_s"):
+        CollectiveConfig(connect_timeout_s=6, stall_timeout_s=5)
     with pytest.raises(ConfigError, match="topk"):
         CollectiveConfig(gather_codec="topk")
+    with pytest.raises(ConfigError, match="codec"):
+        CollectiveConfig(codec="zstd")
+    # config.py validates names without importing torch; its list must stay the registry's.
+    assert set(CODECS) == set(available_codecs())
 
 
 # ------------------------------------------------------------------------------------------------- faults
