@@ -180,6 +180,11 @@ async def test_reduce_scatter_and_all_gather() -> None:
             assert result.contributors == {r: tuple(range(n_members))}
             assert torch.equal(work[r][0], inputs[r][0])  # untouched
             work[r][0][start:end] = result.shard  # now every member holds its own averaged shard
+        first_shards = [r.shard for r in results]
+        again = await asyncio.gather(*(c.reduce_scatter(group_of(ps), [torch.zeros(10000)]) for c in colls))
+        for r, result in enumerate(results):  # results stay valid after later rounds reuse the buffers
+            assert result.shard is first_shards[r] and not torch.equal(result.shard, again[r].shard)
+            assert torch.equal(result.shard, expected[slice(*result.plan.bounds[r])])
         results = await asyncio.gather(*(c.all_gather(group, work[r]) for r, c in enumerate(colls)))
     assert all(r.complete for r in results)
     for r in range(n_members):
@@ -342,3 +347,34 @@ async def test_error_feedback_takes_back_what_a_failed_owner_never_averaged() ->
                 assert torch.allclose(restored, inputs[0][0][start:end], atol=1e-6)
             else:
                 assert keys == []
+
+
+async def test_an_update_fn_bug_raises_on_its_owner_and_the_others_drop_its_shard() -> None:
+    n_members, broken = 3, 1
+    params0 = make_inputs(1, [5000], seed=8)[0]
+    params = [[p.clone() for p in params0] for _ in range(n_members)]
+    grads = make_inputs(n_members, [5000], seed=9)
+    async with planes(n_members) as ps:
+        group = group_of(ps)
+
+        def update(rank: int):
+            def fn(shard: int, averaged: torch.Tensor) -> torch.Tensor:
+                if rank == broken:
+                    raise ZeroDivisionError("a bug in the optimizer")
+                return averaged * 0  # any value: checked below as "not the pre-round one"
+
+            return fn
+
+        outcome = await asyncio.gather(
+            *(
+                Collectives(p, CollectiveConfig(**FAST)).sharded_step(group, grads[r], update(r), out=params[r])
+                for r, p in enumerate(ps)
+            ),
+            return_exceptions=True,
+        )
+    assert isinstance(outcome[broken], ZeroDivisionError)  # the bug itself, not wrapped in task groups
+    survivors = [r for r in range(n_members) if r != broken]
+    assert all(outcome[r].faulty == (broken,) for r in survivors)
+    assert_identical([params[r] for r in survivors])
+    start, end = outcome[survivors[0]].plan.bounds[broken]
+    assert torch.equal(params[survivors[0]][0][start:end], params0[0][start:end])

@@ -555,7 +555,10 @@ class Round:
                 self.encoded_result.append((wire.chunk_header("ag", self.rank, offset, header, None), buffers))
                 if not lossless:
                     decode(enc, out=decoded[offset : offset + length])
-            result = decoded.clone() if decoded is self.buffers.peek("average") else decoded
+            result = decoded
+        average = self.buffers.peek("average")
+        if average is not None and result.untyped_storage().data_ptr() == average.untyped_storage().data_ptr():
+            result = result.clone()  # the pool rewrites its buffer next round; RoundResult.shard outlives it
         self.my_result = result
 
     # ------------------------------------------------------------------------------------------ endings
