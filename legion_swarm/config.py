@@ -91,6 +91,8 @@ class HostConfig:
     """Ask the home router for a port mapping (UPnP / NAT-PMP). Off by default: it multicasts to the LAN."""
     startup_timeout_s: float = 15.0
     """How long the ``p2pd`` daemon may take to start and connect to the initial peers."""
+    data_port: int = 0
+    """TCP port of the direct data plane (tensors, on ``host``); 0 picks a free one."""
 
     def __post_init__(self) -> None:
         try:
@@ -99,6 +101,8 @@ class HostConfig:
             raise ConfigError(f"bad --host {self.host!r}: expected an IP address such as 0.0.0.0") from None
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"bad --port {self.port}: expected 0-65535")
+        if not 0 <= self.data_port <= 65535:
+            raise ConfigError(f"bad --data-port {self.data_port}: expected 0-65535")
         for maddr in self.announce:
             validate_multiaddr(maddr, require_peer_id=False, allow_port_zero=False)
         for maddr in self.initial_peers:

@@ -23,6 +23,7 @@ from legion_swarm.dht.membership import Hello, Membership, read_members, say_hel
 from legion_swarm.dht.node import Found, SwarmDHT, dht_time
 from legion_swarm.dht.records import PeerRecord
 from legion_swarm.errors import PeerUnreachableError, SwarmMismatchError
+from legion_swarm.transport.dataplane import DataPlane
 from legion_swarm.transport.host import Host
 from legion_swarm.transport.identity import Identity, short_peer_id
 
@@ -48,6 +49,20 @@ class SwarmView:
     """Unix time of the read."""
     read_s: float
     """How long the DHT read took, in seconds."""
+
+
+def advertised_ip(listen: str, announce: tuple[str, ...], maddrs: list[str]) -> str:
+    """The IP other peers should dial for our data plane: an announced IPv4 address, else the listen address
+    if it is a specific one, else the first non-loopback IPv4 address p2pd sees, else loopback."""
+    for maddr in announce:
+        if maddr.startswith("/ip4/"):
+            return maddr.split("/")[2]
+    if listen not in ("0.0.0.0", "::"):
+        return listen
+    for maddr in maddrs:
+        if maddr.startswith("/ip4/") and not maddr.startswith("/ip4/127."):
+            return maddr.split("/")[2]
+    return "127.0.0.1"
 
 
 def _peer_id_of_maddr(maddr: str) -> str:
@@ -87,6 +102,8 @@ class SwarmPeer:
         self.swarm = swarm
         self.dht: SwarmDHT | None = None
         self.membership: Membership | None = None
+        self.plane: DataPlane | None = None
+        """The direct-TCP + libp2p data plane for collectives (members only; observers have none)."""
         self.maddrs: list[str] = []
         self.join_timings: dict[str, float] = {}
         """Seconds spent in each phase of :meth:`create`: daemon, dht (with the handshake), publish, total."""
@@ -204,7 +221,14 @@ class SwarmPeer:
         self.maddrs = await self.host.maddrs()
         t1 = time.perf_counter()
         if role != "observer":
-            self.membership = Membership(self.dht, self.config.membership, self.swarm, self.maddrs)
+            host_config = self.config.host
+            self.plane = await DataPlane.create(
+                self.host.identity, host=self.host, listen=host_config.host, port=host_config.data_port,
+                advertise=advertised_ip(host_config.host, host_config.announce, self.maddrs),
+            )  # fmt: skip
+            self.membership = Membership(
+                self.dht, self.config.membership, self.swarm, self.maddrs, data=self.plane.endpoint
+            )
             if not await self.membership.publish():
                 logger.warning("[%s] first record was not accepted by the last replica asked", self.tag)
             self._tasks.append(asyncio.create_task(self.membership.run(), name=f"heartbeat-{self.tag}"))
@@ -239,6 +263,9 @@ class SwarmPeer:
             if self.dht is not None:
                 with contextlib.suppress(Exception, asyncio.TimeoutError):
                     await asyncio.wait_for(self.dht.aclose(), budget / 4)
+            if self.plane is not None:
+                with contextlib.suppress(Exception, asyncio.TimeoutError):
+                    await asyncio.wait_for(self.plane.aclose(), budget / 8)
         finally:
             await self.host.aclose()
         logger.info("[%s] left swarm %r", self.tag, self.swarm)

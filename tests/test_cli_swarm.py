@@ -42,6 +42,9 @@ async def test_status_lists_members_and_forgets_a_killed_one() -> None:
         for peer in report["peers"]:
             assert peer["addrs"] and all(a.endswith("/p2p/" + peer["peer_id"]) for a in peer["addrs"])
             assert 0 <= peer["last_seen_s"] < 3 * HEARTBEAT + 1
+            host, port = peer["data"]  # every member serves a data plane, distinct ports on one machine
+            assert isinstance(host, str) and 0 < port <= 65535
+        assert len({tuple(p["data"]) for p in report["peers"]}) == 4
         assert report["summary"]["peers"] == 4
 
         victim = swarm.peers[0]

@@ -198,3 +198,35 @@ async def test_a_dead_peer_in_the_initial_list_does_not_hold_up_the_join(swarm) 
         assert peer.swarm == "t"
     finally:
         await peer.aclose()
+
+
+@pytest.mark.parametrize("plane", ["direct", "libp2p"])
+async def test_members_all_reduce_through_the_endpoints_they_published(swarm, plane: str) -> None:
+    """The data plane end to end: a group built from nothing but the DHT's records (peer id, data endpoint,
+    libp2p addresses) averages exactly, over the plane asked for."""
+    import torch
+
+    from legion_swarm.collectives import Collectives, reference_all_reduce
+    from legion_swarm.config import CollectiveConfig
+    from legion_swarm.groups import GroupInfo, GroupMember
+
+    boot, peers = swarm
+    everyone = [boot, *peers]
+    await until_members(peers[0], *everyone)
+    records = {m.record.peer_id: m.record for m in (await peers[0].view()).members}
+    assert all(r.data is not None and r.data[0] == "127.0.0.1" for r in records.values())
+    members = tuple(
+        GroupMember(peer_id=pid, direct=records[pid].data, maddrs=records[pid].addrs) for pid in sorted(records)
+    )
+    group = GroupInfo(round_id=b"from-the-dht", members=members)
+    by_id = {p.peer_id: p for p in everyone}
+    inputs = [[torch.randn(3000, generator=torch.Generator().manual_seed(r))] for r in range(len(members))]
+    work = [[t.clone() for t in ts] for ts in inputs]
+    config_ = CollectiveConfig(plane=plane, chunk_elems=1024)
+    results = await asyncio.gather(
+        *(Collectives(by_id[m.peer_id].plane, config_).all_reduce(group, work[r]) for r, m in enumerate(members))
+    )
+    expected = reference_all_reduce(inputs, [1.0] * len(members))
+    for r, result in enumerate(results):
+        assert result.complete and set(result.planes.values()) == {plane}
+        assert torch.equal(work[r][0], expected[0])

@@ -63,3 +63,28 @@ def test_missing_required_field() -> None:
 def test_non_records(junk: object) -> None:
     with pytest.raises(RecordError):
         parse_record(junk)
+
+
+def test_data_endpoint_round_trips_and_is_optional() -> None:
+    parsed = parse_record(make_record(data=["10.0.0.5", 4242]))
+    assert parsed.data == ("10.0.0.5", 4242)
+    assert parsed.to_wire()["data"] == ["10.0.0.5", 4242]
+    legacy = make_record()
+    del legacy["data"]  # records of peers from before the data plane
+    assert parse_record(legacy).data is None
+
+
+@pytest.mark.parametrize("data", [["10.0.0.5"], ["10.0.0.5", 0], ["10.0.0.5", 70000], [5, 4242], ["x" * 65, 1], "ip"])
+def test_bad_data_endpoint_is_refused(data: object) -> None:
+    with pytest.raises(RecordError, match="data"):
+        parse_record(make_record(data=data))
+
+
+def test_advertised_ip_prefers_announced_then_specific_then_seen_addresses() -> None:
+    from legion_swarm.peer import advertised_ip
+
+    seen = ["/ip4/127.0.0.1/tcp/1/p2p/Qm", "/ip4/10.1.2.3/tcp/1/p2p/Qm"]
+    assert advertised_ip("0.0.0.0", ("/ip4/203.0.113.7/tcp/31337",), seen) == "203.0.113.7"
+    assert advertised_ip("192.168.1.4", (), seen) == "192.168.1.4"
+    assert advertised_ip("0.0.0.0", (), seen) == "10.1.2.3"
+    assert advertised_ip("0.0.0.0", (), seen[:1]) == "127.0.0.1"

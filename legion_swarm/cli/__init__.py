@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="TCP port to listen on, 0 for any free port (default: %(default)s)",
         )
         p.add_argument(
+            "--data-port",
+            type=_checked(_port, "port"),
+            default=0,
+            help="TCP port of the direct data plane for tensors, 0 for any free port (default: %(default)s)",
+        )
+        p.add_argument(
             "--identity",
             metavar="PATH",
             help="private key file: same file, same peer id "

@@ -34,6 +34,7 @@ def peer_config(args: argparse.Namespace, *, role: str) -> PeerConfig:
     host = HostConfig(
         host=getattr(args, "host", "0.0.0.0"),
         port=getattr(args, "port", 0),
+        data_port=getattr(args, "data_port", 0),
         announce=tuple(getattr(args, "announce", None) or ()),
         identity_path=getattr(args, "identity", None),
         initial_peers=tuple(getattr(args, "peer", None) or ()),

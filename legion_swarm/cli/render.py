@@ -96,6 +96,7 @@ def view_to_json(view: SwarmView) -> dict[str, Any]:
                 "loss": r.loss,
                 "tokens_per_s": r.tokens_per_s,
                 "group": r.group,
+                "data": list(r.data) if r.data is not None else None,
             }
         )
     return {

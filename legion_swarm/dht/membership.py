@@ -104,7 +104,10 @@ def detect_hardware() -> Hardware:
 class Membership:
     """Publishes this peer's record now and every heartbeat. Owned by a :class:`SwarmPeer`."""
 
-    def __init__(self, dht: SwarmDHT, config: MembershipConfig, swarm: str, addrs: list[str]):
+    def __init__(
+        self, dht: SwarmDHT, config: MembershipConfig, swarm: str, addrs: list[str],
+        data: tuple[str, int] | None = None,
+    ):  # fmt: skip
         self.dht = dht
         self.config = config
         self.key = peers_key(swarm)
@@ -117,6 +120,7 @@ class Membership:
             hardware=detect_hardware(),
             started_at=dht_time(),
             sent_at=dht_time(),
+            data=data,
         )
         self.beats_ok = 0
         self.beats_failed = 0

@@ -55,12 +55,15 @@ class PeerRecord:
     loss: float | None = None
     tokens_per_s: float | None = None
     group: str | None = None
+    data: tuple[str, int] | None = None
+    """``(ip, port)`` of the peer's direct data plane (authenticated, encrypted TCP), if it serves one."""
 
     kind = "peer"
 
     def to_wire(self) -> dict[str, Any]:
         wire = asdict(self)
         wire["addrs"] = list(self.addrs)
+        wire["data"] = list(self.data) if self.data is not None else None
         wire["kind"] = self.kind
         return wire
 
@@ -79,6 +82,7 @@ _PEER_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
     "loss": (_OPTIONAL_NUMBER, False),
     "tokens_per_s": (_OPTIONAL_NUMBER, False),
     "group": ((str, type(None)), False),
+    "data": ((list, type(None)), False),
 }
 _HARDWARE_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
     "cpus": ((int,), True),
@@ -118,6 +122,14 @@ def parse_peer_record(obj: Any) -> PeerRecord:
     if fields.get("state", "alive") not in _STATES:
         raise RecordError(f"peer record: unknown state {fields['state']!r}")
     fields["addrs"] = tuple(addrs)
+    data = fields.get("data")
+    if data is not None:
+        if not (
+            len(data) == 2 and isinstance(data[0], str) and len(data[0]) <= 64
+            and type(data[1]) is int and 0 < data[1] <= 65535
+        ):  # fmt: skip
+            raise RecordError("peer record: data must be [ip, port]")
+        fields["data"] = (data[0], data[1])
     fields["hardware"] = Hardware(**_check(fields["hardware"], _HARDWARE_SCHEMA, "hardware"))
     return PeerRecord(**fields)
 
