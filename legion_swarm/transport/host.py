@@ -184,7 +184,22 @@ class Host:
         request = p2pd_pb2.Request(
             type=p2pd_pb2.Request.CONNECT, connect=p2pd_pb2.ConnectRequest(peer=target.to_bytes(), addrs=addresses)
         )
-        # hivemind's ``Client.connect`` does the same, but leaves its daemon connection open when cancelled.
+        try:
+            _, writer = await self.daemon_request(request)
+        except (P2PDaemonError, asyncio.IncompleteReadError, ConnectionError) as e:
+            reason = str(e).removeprefix("Connect failed. msg=") or repr(e)
+            raise PeerUnreachableError(f"cannot connect to {short_peer_id(peer_id)}: {reason}") from None
+        writer.transport.abort()  # the daemon answered: nothing more to flush
+
+    async def daemon_request(self, request: p2pd_pb2.Request) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Send ``request`` to our ``p2pd`` on a connection of its own and check the response; return that
+        connection, which the caller then owns (a ``STREAM_OPEN`` connection carries the stream).
+
+        hivemind's client does the same, but leaves its daemon connection to the garbage collector when the request
+        fails or is cancelled, and the daemon may then still act on it. Here it is aborted at once. Raises
+        :class:`NetworkError` if the daemon is not there, ``P2PDaemonError`` if it refuses the request,
+        ``asyncio.IncompleteReadError`` / ``ConnectionError`` if the connection breaks.
+        """
         connector: Any = self.p2p._client.control.daemon_connector  # type: ignore[union-attr]
         try:
             reader, writer = await connector.open_connection()
@@ -195,11 +210,10 @@ class Host:
             response = p2pd_pb2.Response()
             await read_pbmsg_safe(reader, response)
             raise_if_failed(response)
-        except (P2PDaemonError, asyncio.IncompleteReadError, ConnectionError) as e:
-            reason = str(e).removeprefix("Connect failed. msg=") or repr(e)
-            raise PeerUnreachableError(f"cannot connect to {short_peer_id(peer_id)}: {reason}") from None
-        finally:
-            writer.transport.abort()  # the daemon answered (or we gave up): nothing more to flush
+        except BaseException:
+            writer.transport.abort()
+            raise
+        return reader, writer
 
     async def add_stream_handler(self, name: str, handler: Callable[..., Any]) -> None:
         await self.p2p.add_binary_stream_handler(name, handler)

@@ -61,26 +61,22 @@ before any byte of its message was consumed leaves the channel usable; cancelled
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from hivemind.p2p import P2PDaemonError, PeerID
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
-from hivemind.p2p.p2p_daemon_bindings.utils import raise_if_failed, read_pbmsg_safe, write_pbmsg
 from hivemind.proto import p2pd_pb2
 
-from legion_swarm.errors import ChannelClosedError, NetworkError, PeerUnreachableError, ProtocolError
+from legion_swarm.errors import ChannelClosedError, PeerUnreachableError, ProtocolError
+from legion_swarm.transport.channel import MessageChannel, Receive
 from legion_swarm.transport.identity import short_peer_id
 from legion_swarm.transport.record_layer import BytesLike
 
 if TYPE_CHECKING:
     from legion_swarm.transport.host import Host
-
-logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 256 << 20
 """Largest message sent or accepted (bytes), whatever the receiver's buffer: a corrupt length cannot make a
@@ -97,46 +93,39 @@ _SMALL_MESSAGE = 64 * 1024  # up to this, header and payload leave in one write 
 _WRITE_PIECE = 1 << 20  # payload bytes handed to the transport at once; it copies what the socket does not take
 _WRITE_HIGH_WATER = 2 << 20  # transport buffer (bytes) above which send waits ...
 _WRITE_LOW_WATER = 512 * 1024  # ... until it drains below this: the pipe stays full, memory stays bounded
-_CLOSE_TIMEOUT_S = 1.0  # how long aclose lets the transport flush before it aborts
 
 
 @dataclass
-class _Receive:
-    """One ``recv`` / ``recv_into`` in progress."""
+class _Receive(Receive):
+    """Where a ``recv`` / ``recv_into``'s payload goes, and how far its header and CRC are."""
 
-    capacity: int  # largest message it accepts (bytes)
-    into: memoryview | None  # recv_into's buffer; None: recv allocates once the length is known
-    future: asyncio.Future[int]
+    into: memoryview | None = field(kw_only=True)  # recv_into's buffer; None: recv allocates once the length is known
     length: int = -1  # payload length once the header is consumed; -1 before
     expected_crc: int = 0
     crc: int = 0  # CRC-32 of the payload bytes received so far
-    received: int = 0  # payload bytes written into ``out`` so far
-    out: memoryview = field(default_factory=lambda: memoryview(b""))  # where the payload goes
+    out: memoryview = field(default_factory=lambda: memoryview(b""))  # where the payload goes (received: bytes in it)
     small: bytes | None = None  # recv: a payload found whole in the stage, taken without a second copy
 
+    @property
+    def started(self) -> bool:
+        return self.length >= 0  # its header is consumed: the next bytes are its payload
 
-class StreamChannel(asyncio.BufferedProtocol):
+
+class StreamChannel(MessageChannel[_Receive]):
     """A message-oriented duplex channel over one libp2p stream, built by :func:`open_stream_channel` (dialer)
     or :meth:`accepted` (inside a stream handler). One task may send while another receives; concurrent sends
     (or recvs) queue. Same interface and error semantics as :class:`SecureChannel`."""
 
+    remote_peer_id: str
+    """The peer's libp2p id, as its daemon authenticated it (Noise / TLS handshake between the daemons)."""
+
+    _transport_kind = "stream"
+
     def __init__(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, local_peer_id: str, remote_peer_id: str
     ):
-        self.local_peer_id = local_peer_id
-        self.remote_peer_id = remote_peer_id
-        """The peer's libp2p id, as its daemon authenticated it (Noise / TLS handshake between the daemons)."""
-        self._tag = f"[{short_peer_id(local_peer_id)}↔{short_peer_id(remote_peer_id)}]"
-        self._send_lock, self._recv_lock = asyncio.Lock(), asyncio.Lock()
-        self._error: Exception | None = None  # first failure: the channel is dead
-        self._error_reported = False
-        self._lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
-        self._writable = asyncio.Event()
-        self._writable.set()
-        self._receive: _Receive | None = None
+        super().__init__(reader, writer, local_peer_id=local_peer_id, remote_peer_id=remote_peer_id)
         self._direct: memoryview | None = None  # the destination slice handed out by the last get_buffer
-        self._paused = False
-        self._eof = False
 
         # hivemind read the daemon's protobuf preamble (StreamInfo / the open response) through ``reader``; bytes
         # the peer sent right after it may already sit in the reader's buffer (CPython's private ``_buffer``).
@@ -145,9 +134,7 @@ class StreamChannel(asyncio.BufferedProtocol):
         self._stage[: len(leftover)] = leftover
         self._start, self._filled = 0, len(leftover)  # unconsumed stage bytes are [_start, _filled)
 
-        # The streams stay referenced: a collected StreamWriter closes its transport.
-        self._streams = (reader, writer)
-        self._transport = transport = writer.transport
+        transport = self._transport
         if transport.is_closing() or reader.exception() is not None:
             self._eof = True
             self._lost.set_result(reader.exception())
@@ -157,10 +144,8 @@ class StreamChannel(asyncio.BufferedProtocol):
             transport.set_protocol(self)
             transport.close()
         else:
-            transport.pause_reading()  # uvloop picks its read callbacks (buffered or not) when reading starts
-            transport.set_protocol(self)
-            transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER, low=_WRITE_LOW_WATER)
-            transport.resume_reading()
+            self._take_over_transport()
+            transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER, low=_WRITE_LOW_WATER)  # its callbacks reach us
             self._flow()  # the reader's leftover may fill the stage
 
     @classmethod
@@ -172,11 +157,6 @@ class StreamChannel(asyncio.BufferedProtocol):
         Call it before anything else reads from ``reader`` (bytes hivemind already buffered there are kept). The
         channel then owns the stream: the handler may return while the channel lives on."""
         return cls(reader, writer, local_peer_id=local_peer_id, remote_peer_id=stream_info.peer_id.to_base58())
-
-    @property
-    def closed(self) -> bool:
-        """True once the channel failed or was closed, or its stream is gone (buffered messages stay receivable)."""
-        return self._error is not None or self._lost.done()
 
     # ---------------------------------------------------------------------------------------- sending
 
@@ -211,16 +191,6 @@ class StreamChannel(asyncio.BufferedProtocol):
                     self._fail(ChannelClosedError(f"{self._tag} a send was cancelled inside a message"))
                 raise
 
-    def _check_connected(self) -> None:
-        if self._lost.done():
-            raise ChannelClosedError(f"{self._tag} stream lost: {self._lost.result()!r}")
-
-    def pause_writing(self) -> None:
-        self._writable.clear()
-
-    def resume_writing(self) -> None:
-        self._writable.set()
-
     # -------------------------------------------------------------------------------------- receiving
 
     async def recv(self, max_bytes: int) -> bytes:
@@ -238,34 +208,16 @@ class StreamChannel(asyncio.BufferedProtocol):
 
         The payload is read from the socket straight into ``buffer``. If this raises (bad CRC, truncation,
         cancellation inside the message), the bytes written so far are zeroed: no unverified data is left."""
-        out = memoryview(buffer).cast("B")
-        if out.readonly:
-            raise TypeError("recv_into needs a writable buffer")
+        out = self._writable_view(buffer)
         receive = self._new_receive(min(len(out), MAX_MESSAGE_BYTES), out)
         try:
-            await self._receive_message(receive)
+            return await self._receive_message(receive)
         except BaseException:
             out[: receive.received] = bytes(receive.received)
             raise
-        return receive.length
 
     def _new_receive(self, capacity: int, into: memoryview | None) -> _Receive:
-        return _Receive(capacity, into, asyncio.get_running_loop().create_future())
-
-    async def _receive_message(self, receive: _Receive) -> None:
-        async with self._recv_lock:
-            self._check_usable()
-            self._receive = receive
-            self._pump()
-            try:
-                await receive.future
-            except asyncio.CancelledError:
-                if self._receive is receive and receive.length < 0:  # header not consumed: still in step
-                    self._receive = None
-                    self._flow()
-                else:
-                    self._fail(ChannelClosedError(f"{self._tag} a receive was cancelled inside a message"))
-                raise
+        return _Receive(capacity, asyncio.get_running_loop().create_future(), into=into)
 
     def _pump(self) -> None:
         """Move staged bytes into the waiting receive, finish it when its payload is complete, adjust reading."""
@@ -356,57 +308,6 @@ class StreamChannel(asyncio.BufferedProtocol):
             self._filled += nbytes
         self._pump()
 
-    def eof_received(self) -> None:
-        self._eof = True  # returning None lets the transport close: p2pd streams have no half-close
-        self._pump()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._eof = True
-        if not self._lost.done():
-            self._lost.set_result(exc)
-        self._writable.set()  # wake a blocked send, which sees the loss
-        self._pump()
-
-    # ---------------------------------------------------------------------------------------- closing
-
-    def _check_usable(self) -> None:
-        if self._error is not None:
-            if not self._error_reported:  # a failure found while nobody was receiving reaches the next caller
-                self._error_reported = True
-                raise self._error
-            raise ChannelClosedError(f"{self._tag} channel is closed ({self._error!r})")
-
-    def _fail(self, error: Exception, *, reported: bool = False) -> None:
-        """Close the channel for good; ``error`` goes to the waiting receive, or else to the next caller."""
-        if self._error is None:
-            self._error, self._error_reported = error, reported
-            logger.debug("%s channel closed: %r", self._tag, error)
-        receive, self._receive = self._receive, None
-        if receive is not None and not receive.future.done():
-            self._error_reported = True
-            receive.future.set_exception(error)
-        self._transport.abort()
-
-    async def aclose(self) -> None:
-        """Close the stream after flushing what was sent (the peer sees EOF after the last message); idempotent."""
-        if self._error is None:
-            self._error, self._error_reported = ChannelClosedError(f"{self._tag} closed locally"), True
-        receive, self._receive = self._receive, None
-        if receive is not None and not receive.future.done():
-            receive.future.set_exception(self._error)
-        self._transport.close()  # flushes the write buffer, then closes; the daemon then closes the libp2p stream
-        try:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self._lost), _CLOSE_TIMEOUT_S)
-        finally:
-            self._transport.abort()  # a daemon that does not read (or our cancellation) must not keep it open
-
-    async def __aenter__(self) -> StreamChannel:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
     def __repr__(self) -> str:
         return f"StreamChannel({self.local_peer_id} ↔ {self.remote_peer_id}, closed={self.closed})"
 
@@ -428,30 +329,17 @@ async def open_stream_channel(host: Host, peer_id: str, protocol: str, timeout: 
 async def _open_stream(host: Host, peer_id: str, protocol: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """hivemind's ``stream_open``, but closing its daemon connection when it fails or is cancelled (hivemind's
     leaves it to the garbage collector, and the daemon may still open the stream to the peer)."""
-    connector: Any = host.p2p._client.control.daemon_connector  # type: ignore[union-attr]
+    request = p2pd_pb2.Request(
+        type=p2pd_pb2.Request.STREAM_OPEN,
+        streamOpen=p2pd_pb2.StreamOpenRequest(peer=PeerID.from_base58(peer_id).to_bytes(), proto=[protocol]),
+    )
     try:
-        reader, writer = await connector.open_connection()
-    except OSError as e:
-        raise NetworkError(f"cannot reach our own p2pd (host closed?): {e!r}") from None
-    try:
-        request = p2pd_pb2.Request(
-            type=p2pd_pb2.Request.STREAM_OPEN,
-            streamOpen=p2pd_pb2.StreamOpenRequest(peer=PeerID.from_base58(peer_id).to_bytes(), proto=[protocol]),
-        )
-        await write_pbmsg(writer, request)
-        response = p2pd_pb2.Response()
-        await read_pbmsg_safe(reader, response)
-        try:
-            raise_if_failed(response)
-        except P2PDaemonError as e:
-            reason = str(e).removeprefix("Connect failed. msg=")
-            failure = f"cannot open {protocol} to {short_peer_id(peer_id)}: {reason}"
-            if "protocols not supported" in reason:  # reached, but it does not serve this protocol
-                raise ProtocolError(failure) from None
-            raise PeerUnreachableError(failure) from None
-        return reader, writer
-    except BaseException as e:
-        writer.transport.abort()
-        if isinstance(e, (asyncio.IncompleteReadError, ConnectionError)):
-            raise PeerUnreachableError(f"p2pd connection failed while opening {protocol}: {e!r}") from None
-        raise
+        return await host.daemon_request(request)
+    except P2PDaemonError as e:
+        reason = str(e).removeprefix("Connect failed. msg=")
+        failure = f"cannot open {protocol} to {short_peer_id(peer_id)}: {reason}"
+        if "protocols not supported" in reason:  # reached, but it does not serve this protocol
+            raise ProtocolError(failure) from None
+        raise PeerUnreachableError(failure) from None
+    except (asyncio.IncompleteReadError, ConnectionError) as e:
+        raise PeerUnreachableError(f"p2pd connection failed while opening {protocol}: {e!r}") from None

@@ -48,12 +48,13 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from legion_swarm.errors import AuthenticationError, ChannelClosedError, NetworkError, ProtocolError
+from legion_swarm.transport.channel import MessageChannel, Receive
 from legion_swarm.transport.framing import pack_message, read_message, write_message
 from legion_swarm.transport.identity import Identity, peer_id_of, short_peer_id, verify
 from legion_swarm.transport.record_layer import (
@@ -80,7 +81,6 @@ HANDSHAKE_MAX_BYTES = 8192
 
 _NONCE_BYTES = 32
 _EPHEMERAL_BYTES = 32
-_CLOSE_TIMEOUT_S = 1.0
 _READ_AHEAD = 64 * 1024  # bytes read past the current record: several small records per read syscall
 
 
@@ -88,16 +88,14 @@ _READ_AHEAD = 64 * 1024  # bytes read past the current record: several small rec
 
 
 @dataclass
-class _Receive:
-    """One ``recv`` / ``recv_into`` in progress: where its records go and how much it may take."""
+class _Receive(Receive):
+    """Where a ``recv`` / ``recv_into``'s records go."""
 
-    capacity: int
-    deliver: Callable[[memoryview, memoryview, int, int], None]  # (header, ciphertext, offset, length)
-    future: asyncio.Future[int]
-    received: int = 0
+    # (header, ciphertext, offset, length): opens one record and puts its plaintext where the receive wants it
+    deliver: Callable[[memoryview, memoryview, int, int], None] = field(kw_only=True)
 
 
-class SecureChannel(asyncio.BufferedProtocol):
+class SecureChannel(MessageChannel[_Receive]):
     """An authenticated, encrypted, message-oriented duplex channel; built by :func:`secure_connect` or
     :func:`secure_accept`. One task may send while another receives; concurrent sends (or recvs) queue.
 
@@ -107,42 +105,23 @@ class SecureChannel(asyncio.BufferedProtocol):
     destination inside the read callback. At most one record (+ ``_READ_AHEAD``) is read ahead of the receiver.
     """
 
+    remote_peer_id: str
+    """The peer's libp2p id, proven by its signature over this channel's handshake."""
+
     def __init__(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, local_peer_id: str,
         remote_peer_id: str, role: Role, tx: RecordCipher, rx: RecordCipher,
     ):  # fmt: skip
-        self.local_peer_id = local_peer_id
-        self.remote_peer_id = remote_peer_id
-        """The peer's libp2p id, proven by its signature over this channel's handshake."""
+        super().__init__(reader, writer, local_peer_id=local_peer_id, remote_peer_id=remote_peer_id)
         self.role = role
         self._tx, self._rx = tx, rx
-        self._tag = f"[{short_peer_id(local_peer_id)}↔{short_peer_id(remote_peer_id)}]"
-        self._send_lock, self._recv_lock = asyncio.Lock(), asyncio.Lock()
-        self._error: BaseException | None = None  # first failure: the channel is dead
-        self._error_reported = False
-        self._lost = asyncio.get_running_loop().create_future()  # result: the connection_lost exception
-        self._writable = asyncio.Event()
-        self._writable.set()
         self._buffer = memoryview(bytearray(HEADER_BYTES + MAX_RECORD_PLAINTEXT + TAG_BYTES + _READ_AHEAD))
         self._filled = 0  # bytes in _buffer; the current record starts at 0
         self._header: tuple[int, int] | None = None  # (flags, plaintext length) once 4 bytes are in
         self._need = HEADER_BYTES  # bytes of the current record, known once its header is parsed
-        self._eof = False
-        self._paused = False
-        self._receive: _Receive | None = None
         # Take the connection over from the StreamReaderProtocol that carried the handshake. Nothing is
-        # buffered there: the handshake is lock-step until this side's first record. The streams stay
-        # referenced because a collected StreamWriter closes its transport.
-        self._streams = (reader, writer)
-        self._transport = transport = writer.transport
-        transport.pause_reading()  # uvloop picks its read callbacks (buffered or not) when reading starts
-        transport.set_protocol(self)
-        transport.resume_reading()
-
-    @property
-    def closed(self) -> bool:
-        """True once the channel failed or was closed, or its connection is gone (buffered messages stay receivable)."""
-        return self._error is not None or self._lost.done()
+        # buffered there: the handshake is lock-step until this side's first record.
+        self._take_over_transport()
 
     # ---------------------------------------------------------------------------------------- sending
 
@@ -172,16 +151,6 @@ class SecureChannel(asyncio.BufferedProtocol):
                     self._fail(e)
                 raise
 
-    def _check_connected(self) -> None:
-        if self._lost.done():
-            raise ChannelClosedError(f"{self._tag} connection lost: {self._lost.result()!r}")
-
-    def pause_writing(self) -> None:
-        self._writable.clear()
-
-    def resume_writing(self) -> None:
-        self._writable.set()
-
     # -------------------------------------------------------------------------------------- receiving
 
     async def recv(self, max_bytes: int) -> bytes:
@@ -192,7 +161,7 @@ class SecureChannel(asyncio.BufferedProtocol):
         def deliver(header: memoryview, ciphertext: memoryview, offset: int, length: int) -> None:
             chunks.append(self._rx.open(header, ciphertext))
 
-        await self._receive_message(max_bytes, deliver)
+        await self._receive_message(self._new_receive(max_bytes, deliver))
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def recv_into(self, buffer: BytesLike) -> int:
@@ -200,9 +169,7 @@ class SecureChannel(asyncio.BufferedProtocol):
 
         Records are decrypted straight into ``buffer``. If this raises, the bytes written so far are zeroed,
         so no unauthenticated plaintext is left behind."""
-        out = memoryview(buffer).cast("B")
-        if out.readonly:
-            raise TypeError("recv_into needs a writable buffer")
+        out = self._writable_view(buffer)
         written = 0
 
         def deliver(header: memoryview, ciphertext: memoryview, offset: int, length: int) -> None:
@@ -211,25 +178,13 @@ class SecureChannel(asyncio.BufferedProtocol):
             self._rx.open_into(header, ciphertext, out[offset:written])
 
         try:
-            return await self._receive_message(len(out), deliver)
+            return await self._receive_message(self._new_receive(len(out), deliver))
         except BaseException:
             out[:written] = bytes(written)
             raise
 
-    async def _receive_message(self, capacity: int, deliver: Callable[[memoryview, memoryview, int, int], None]) -> int:
-        async with self._recv_lock:
-            self._check_usable()
-            receive = self._receive = _Receive(capacity, deliver, asyncio.get_running_loop().create_future())
-            self._pump()
-            try:
-                return await receive.future
-            except asyncio.CancelledError:
-                if self._receive is receive and not receive.received:  # nothing consumed yet: still in step
-                    self._receive = None
-                    self._flow()
-                else:
-                    self._fail(ChannelClosedError(f"{self._tag} a receive was cancelled inside a message"))
-                raise
+    def _new_receive(self, capacity: int, deliver: Callable[[memoryview, memoryview, int, int], None]) -> _Receive:
+        return _Receive(capacity, asyncio.get_running_loop().create_future(), deliver=deliver)
 
     def _pump(self) -> None:
         """Parse headers as they arrive, hand complete records to the waiting receive, then adjust reading."""
@@ -290,55 +245,13 @@ class SecureChannel(asyncio.BufferedProtocol):
         self._filled += nbytes
         self._pump()
 
-    def eof_received(self) -> None:
-        self._eof = True  # returning None lets the transport close; records already buffered stay receivable
-        self._pump()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._eof = True
-        if not self._lost.done():
-            self._lost.set_result(exc)
-        self._writable.set()  # wake a blocked send, which sees the loss
-        self._pump()
-
     # ---------------------------------------------------------------------------------------- closing
 
-    def _check_usable(self) -> None:
-        if self._error is not None:
-            if not self._error_reported:  # a failure found while nobody was receiving reaches the next caller
-                self._error_reported = True
-                raise self._error
-            raise ChannelClosedError(f"{self._tag} channel is closed ({self._error!r})")
-
-    def _fail(self, error: BaseException) -> None:
-        if self._error is None:
-            self._error = error
-            logger.debug("%s channel closed: %r", self._tag, error)
-        receive, self._receive = self._receive, None
-        if receive is not None and not receive.future.done():
-            self._error_reported = True
-            receive.future.set_exception(error)
-        self._transport.abort()
-
-    async def aclose(self) -> None:
-        """Send an authenticated close record (best effort, if no send is under way) and close the socket."""
-        if self._error is None:
-            if not self._send_lock.locked() and not self._lost.done():
-                self._transport.write(self._tx.seal(b"", FLAG_CLOSE))
-            self._error, self._error_reported = ChannelClosedError(f"{self._tag} closed locally"), True
-        receive, self._receive = self._receive, None
-        if receive is not None and not receive.future.done():
-            receive.future.set_exception(self._error)
-        self._transport.close()  # flushes what is buffered (the close record), then closes
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.shield(self._lost), _CLOSE_TIMEOUT_S)
-        self._transport.abort()  # a peer that does not read must not keep the socket open
-
-    async def __aenter__(self) -> SecureChannel:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
+    def _write_close_record(self) -> None:
+        """An authenticated close record, so the peer tells a clean close from a truncation; best effort: not while
+        a send is under way (it would land inside that message), nor once the connection is gone."""
+        if not self._send_lock.locked() and not self._lost.done():
+            self._transport.write(self._tx.seal(b"", FLAG_CLOSE))
 
     def __repr__(self) -> str:
         return f"SecureChannel({self.role}, {self.local_peer_id} ↔ {self.remote_peer_id}, closed={self.closed})"
