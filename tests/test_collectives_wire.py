@@ -21,6 +21,7 @@ from legion_swarm.codecs import get_codec, to_wire
 from legion_swarm.collectives import wire
 from legion_swarm.collectives.rounds import faulty_members
 from legion_swarm.errors import ProtocolError
+from tests.test_codecs import CODEC_OPTS
 
 DIGEST = bytes(range(32))
 SETUP = ["none", "none", 1024, True, True]
@@ -194,14 +195,7 @@ def test_check_hello_rejects_malformed_envelopes() -> None:
 
 # ----------------------------------------------------------------------------------------------------- chunks
 
-CHUNK_CODECS = {
-    "none": {},
-    "fp16": {},
-    "bf16": {},
-    "int8": {"block": 256},
-    "int4": {"block": 128},
-    "topk": {"fraction": 0.05},
-}
+CHUNK_CODECS = CODEC_OPTS  # every codec, with the options the codec tests use
 
 
 def check_chunk(raw: bytes, *, phase: str = "rs", numel: int = 1000, codec: str = "none") -> Any:
