@@ -32,8 +32,8 @@ _EXPORTS = {
     "GroupInfo": "legion_swarm.groups.info",
     "GroupMember": "legion_swarm.groups.info",
     "CollectiveConfig": "legion_swarm.config",
-    "Collectives": "legion_swarm.collectives.rounds",
-    "RoundResult": "legion_swarm.collectives.rounds",
+    "Collectives": "legion_swarm.collectives.api",
+    "RoundResult": "legion_swarm.collectives.result",
     "FaultPlan": "legion_swarm.collectives.faults",
 }
 

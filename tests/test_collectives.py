@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from legion_swarm.codecs import available_codecs, get_codec
+from legion_swarm.collectives import Collectives, RoundResult
 from legion_swarm.collectives.faults import KINDS, PHASES, FaultPlan, InjectedCrash
 from legion_swarm.collectives.partition import PartitionPlan
 from legion_swarm.collectives.reference import reference_all_reduce, weighted_average
-from legion_swarm.collectives.rounds import Collectives, RoundResult
 from legion_swarm.config import CODECS, CollectiveConfig
 from legion_swarm.errors import ConfigError
 from legion_swarm.groups import GroupInfo, GroupMember

@@ -38,10 +38,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from legion_swarm.codecs import Encoded, decode, get_codec, to_wire
 from legion_swarm.codecs.base import MAX_HEADER_BYTES
-from legion_swarm.collectives import wire
+from legion_swarm.collectives import Collectives, RoundResult, wire
 from legion_swarm.collectives.partition import flatten, plan_partition
 from legion_swarm.collectives.reference import reference_all_reduce, weighted_average
-from legion_swarm.collectives.rounds import Collectives, RoundResult
 from legion_swarm.config import CollectiveConfig
 from legion_swarm.errors import NetworkError
 from legion_swarm.groups import GroupInfo, GroupMember

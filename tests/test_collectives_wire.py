@@ -19,7 +19,7 @@ import torch
 
 from legion_swarm.codecs import get_codec, to_wire
 from legion_swarm.collectives import wire
-from legion_swarm.collectives.rounds import faulty_members
+from legion_swarm.collectives.result import faulty_members
 from legion_swarm.errors import ProtocolError
 from tests.test_codecs import CODEC_OPTS
 

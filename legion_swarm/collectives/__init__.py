@@ -4,17 +4,21 @@
   flat parameter space.
 - :mod:`~legion_swarm.collectives.wire` — pure: the messages of a round and their validation.
 - :mod:`~legion_swarm.collectives.reference` — the naive weighted average a round must reproduce.
-- :mod:`~legion_swarm.collectives.rounds` — :class:`Collectives`: reduce-scatter, all-gather, all-reduce and
-  the sharded step, consistent under failure.
+- :mod:`~legion_swarm.collectives.rounds` — one round: reduce-scatter, owner update, all-gather, commit vote.
+- :mod:`~legion_swarm.collectives.result` — pure: which members a round declares faulty; what it reports.
+- :mod:`~legion_swarm.collectives.buffers` — receive and reduce buffers kept across rounds.
+- :mod:`~legion_swarm.collectives.api` — :class:`Collectives`: reduce_scatter, all_gather, all_reduce and
+  sharded_step, one round at a time, with the state that outlives a round.
 - :mod:`~legion_swarm.collectives.faults` — deterministic fault injection at named phases.
 """
 
 from __future__ import annotations
 
+from legion_swarm.collectives.api import Collectives
 from legion_swarm.collectives.faults import FaultPlan, InjectedCrash
 from legion_swarm.collectives.partition import PartitionPlan, ShardSlice, flatten, plan_partition, unflatten_into
 from legion_swarm.collectives.reference import reference_all_reduce, weighted_average
-from legion_swarm.collectives.rounds import Collectives, RoundResult, faulty_members
+from legion_swarm.collectives.result import RoundResult, faulty_members
 
 __all__ = [
     "Collectives",

@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -43,11 +42,12 @@ import numpy as np
 import torch
 
 from legion_swarm.codecs import Codec, Encoded, ErrorFeedback, decode, from_wire, get_codec, to_wire
-from legion_swarm.codecs.base import _DTYPES
 from legion_swarm.collectives import wire
+from legion_swarm.collectives.buffers import BufferPool
 from legion_swarm.collectives.faults import FaultInjector, FaultPlan, InjectedCrash
-from legion_swarm.collectives.partition import PartitionPlan, plan_partition
+from legion_swarm.collectives.partition import plan_partition
 from legion_swarm.collectives.reference import weighted_average
+from legion_swarm.collectives.result import RoundResult, edge, faulty_members
 from legion_swarm.config import CollectiveConfig
 from legion_swarm.errors import CodecError, NetworkError, ProtocolError, RoundTimeoutError
 from legion_swarm.groups.info import GroupInfo
@@ -61,73 +61,6 @@ UpdateFn = Callable[[int, torch.Tensor], torch.Tensor]
 """``update_fn(shard, averaged) -> new values``: runs on the owner with its averaged shard (1-D float32)."""
 
 _GRACE_S = 1.0  # past the last phase deadline, before a round is declared hung
-
-
-@dataclass(frozen=True)
-class RoundResult:
-    """What one member saw of a round. Survivors of a round agree on ``committed``, ``missing_shards`` and
-    ``contributors`` (and hold bit-identical tensors); ``excluded`` is this member's own view."""
-
-    rank: int
-    group: GroupInfo
-    plan: PartitionPlan
-    committed: tuple[int, ...]
-    """Shards whose new values are now in the output tensors."""
-    missing_shards: tuple[int, ...]
-    """Shards that kept their pre-round values here: those of the faulty members on every survivor."""
-    faulty: tuple[int, ...]
-    """Members declared faulty by the commit vote (the same on every survivor). A member declared faulty
-    may miss more shards than the survivors; its tensors then differ from theirs until the next sync."""
-    contributors: dict[int, tuple[int, ...]]
-    """Ranks averaged into each committed shard, as its owner decided."""
-    excluded: dict[int, str]
-    """Members this peer stopped talking to during the round, and why."""
-    shard: torch.Tensor | None
-    """This member's own result (averaged + updated, as decoded by everyone), or None."""
-    planes: dict[int, str]
-    """Data plane used with each other member: ``direct`` or ``libp2p``."""
-    timings: dict[str, float]
-    """Seconds since the round's start at which each phase ended."""
-    reduced: bool = True
-    """False for an all-gather alone, whose shards have their owner as only contributor."""
-
-    @property
-    def missing_peers(self) -> tuple[str, ...]:
-        """Peer ids of the owners of missing shards."""
-        return tuple(self.group.members[s].peer_id for s in self.missing_shards)
-
-    @property
-    def complete(self) -> bool:
-        """Every shard committed, with every member's contribution (if the round reduced)."""
-        everyone = tuple(range(self.group.size))
-        return not self.missing_shards and (not self.reduced or all(c == everyone for c in self.contributors.values()))
-
-
-class BufferPool:
-    """Receive and reduce buffers kept from one round to the next (same group, same shapes: same buffers).
-
-    Fresh memory costs a page fault per 4 KiB on first touch: for 100 MB of model that was a third of a
-    round. The pool holds about one model's worth of float32 between rounds; one round at a time uses it."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
-
-    def get(self, key: str, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.numel() != numel or buffer.dtype != dtype:
-            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype)
-        return buffer
-
-    def peek(self, key: str) -> torch.Tensor | None:
-        return self._buffers.get(key)
-
-    def wire(self, key: str, dtype: str, length: int) -> np.ndarray:
-        """A numpy array of ``length`` elements of wire dtype ``dtype`` (see ``codecs.base``)."""
-        np_dtype = _DTYPES[dtype][1]
-        return self.get(key, length * np_dtype.itemsize, torch.uint8).numpy().view(np_dtype)
-
-    def clear(self) -> None:
-        self._buffers.clear()
 
 
 @dataclass(eq=False)
@@ -241,7 +174,7 @@ class Round:
         await self._wait_all("gather")
         self._mark("all_gather")
         edges = frozenset(
-            _edge(self.rank, p.rank)
+            edge(self.rank, p.rank)
             for p in self.peers.values()
             if p.excluded is not None or (self.gather and p.result is None)
         )
@@ -631,22 +564,6 @@ class Round:
                     self.restored.add(key)
 
 
-def faulty_members(edges: frozenset[wire.Edge]) -> frozenset[int]:
-    """The members declared faulty, given the broken links everyone agreed on: the single member that touches
-    every edge if there is exactly one (under one failure per round, the culprit), else every member that
-    touches an edge (the evidence cannot tell who failed, e.g. one broken link between two members).
-    Either way every edge has a faulty end, so no member outside the set lacks a shard outside it."""
-    if not edges:
-        return frozenset()
-    touching = frozenset(r for edge in edges for r in edge)
-    covering = [r for r in sorted(touching) if all(r in edge for edge in edges)]
-    return frozenset(covering) if len(covering) == 1 else touching
-
-
-def _edge(a: int, b: int) -> wire.Edge:
-    return (a, b) if a < b else (b, a)
-
-
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
     """The exceptions inside (nested) exception groups."""
     leaves: list[BaseException] = []
@@ -674,75 +591,3 @@ def _check_tensors(tensors: Sequence[torch.Tensor], out: Sequence[torch.Tensor])
             raise ValueError("collectives need contiguous tensors")
     if [t.numel() for t in tensors] != [t.numel() for t in out]:
         raise ValueError("out must have the sizes of tensors")
-
-
-class Collectives:
-    """Sharded collectives of one peer over its :class:`DataPlane`; keeps the error-feedback residuals of
-    lossy codecs across rounds.
-
-    ::
-
-        coll = Collectives(plane, CollectiveConfig(codec="int8"))
-        result = await coll.all_reduce(group, [grad])               # average in place
-        result = await coll.sharded_step(group, grads, update_fn, out=params, weight=n_samples)
-    """
-
-    def __init__(self, plane: DataPlane, config: CollectiveConfig | None = None) -> None:
-        self.plane = plane
-        self.config = config or CollectiveConfig()
-        codec = self.config.codec
-        self.error_feedback = ErrorFeedback(get_codec(codec, **self.config.codec_options(codec)))
-        self.buffers = BufferPool()
-        self._one_round_at_a_time = asyncio.Lock()  # rounds share the buffers and the residuals
-        self._restored: set[object] = set()
-        self.last_plan: PartitionPlan | None = None
-        """The partition of the latest round (set before it starts: an ``update_fn`` may use it)."""
-
-    async def sharded_step(
-        self, group: GroupInfo, tensors: Sequence[torch.Tensor], update_fn: UpdateFn | None, *,
-        weight: float = 1.0, out: Sequence[torch.Tensor] | None = None, faults: FaultPlan | None = None,
-    ) -> RoundResult:  # fmt: skip
-        """Reduce-scatter ``tensors`` (weighted by ``weight``), let each owner map its averaged shard through
-        ``update_fn``, and all-gather the results into ``out`` (default: ``tensors``). Shards that are not
-        committed keep their pre-round values in ``out``. If ``update_fn`` keeps state (optimizer moments),
-        it should apply it only for shards in ``result.committed``."""
-        return await self._run(group, tensors, weight, update_fn, out, reduce=True, gather=True, faults=faults)
-
-    async def all_reduce(
-        self, group: GroupInfo, tensors: Sequence[torch.Tensor], *, weight: float = 1.0, faults: FaultPlan | None = None
-    ) -> RoundResult:
-        """Weighted average of ``tensors`` across the group, in place."""
-        return await self._run(group, tensors, weight, None, None, reduce=True, gather=True, faults=faults)
-
-    async def reduce_scatter(
-        self, group: GroupInfo, tensors: Sequence[torch.Tensor], *, weight: float = 1.0, faults: FaultPlan | None = None
-    ) -> RoundResult:
-        """Average only this member's shard: ``result.shard`` (``tensors`` are not modified)."""
-        return await self._run(group, tensors, weight, None, None, reduce=True, gather=False, faults=faults)
-
-    async def all_gather(
-        self, group: GroupInfo, tensors: Sequence[torch.Tensor], *, faults: FaultPlan | None = None
-    ) -> RoundResult:
-        """Every member sends its own shard of ``tensors``; everyone's copies are overwritten with the owners'."""
-        return await self._run(group, tensors, 1.0, None, None, reduce=False, gather=True, faults=faults)
-
-    async def _run(
-        self, group: GroupInfo, tensors: Sequence[torch.Tensor], weight: float, update_fn: UpdateFn | None,
-        out: Sequence[torch.Tensor] | None, *, reduce: bool, gather: bool, faults: FaultPlan | None,
-    ) -> RoundResult:  # fmt: skip
-        async with self._one_round_at_a_time:
-            round_ = Round(
-                self.plane, group, tensors, config=self.config, weight=weight, update_fn=update_fn, out=out,
-                reduce=reduce, gather=gather, error_feedback=self.error_feedback, faults=faults, buffers=self.buffers,
-            )  # fmt: skip
-            if self.last_plan is not None and round_.plan.bounds != self.last_plan.bounds:
-                self.error_feedback.reset()  # shards moved: old residuals belong to other elements
-            self.last_plan = round_.plan
-            round_.restored_before, self._restored = frozenset(self._restored), round_.restored
-            started = time.perf_counter()
-            result = await round_.run()
-        logger.info(
-            "%s round done in %.3f s: committed %s, missing %s, excluded %s", round_.tag,
-            time.perf_counter() - started, list(result.committed), list(result.missing_shards), result.excluded,
-        )  # fmt: skip
-        return result

@@ -37,8 +37,8 @@ from typing import Any
 import torch
 import uvloop
 
+from legion_swarm.collectives import Collectives, RoundResult
 from legion_swarm.collectives.faults import FaultPlan
-from legion_swarm.collectives.rounds import Collectives, RoundResult
 from legion_swarm.config import CollectiveConfig, HostConfig
 from legion_swarm.errors import LegionError
 from legion_swarm.groups import GroupInfo, GroupMember
