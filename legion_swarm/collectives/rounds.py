@@ -51,8 +51,9 @@ from legion_swarm.collectives.result import RoundResult, edge, faulty_members
 from legion_swarm.config import CollectiveConfig
 from legion_swarm.errors import CodecError, NetworkError, ProtocolError, RoundTimeoutError
 from legion_swarm.groups.info import GroupInfo
-from legion_swarm.transport.dataplane import Channel, DataPlane
+from legion_swarm.transport.dataplane import Channel, DataPlane, Inbox
 from legion_swarm.transport.identity import short_peer_id
+from legion_swarm.transport.record_layer import BytesLike
 from legion_swarm.transport.secure import SecureChannel
 
 logger = logging.getLogger(__name__)
@@ -216,13 +217,13 @@ class Round:
 
     # ------------------------------------------------------------------------------------------ connect
 
-    async def _accept(self, inbox: object) -> None:
+    async def _accept(self, inbox: Inbox) -> None:
         """Hand channels opened by lower ranks to their sessions; refuse anyone else."""
         waiting = {p.rank for p in self.peers.values() if p.rank < self.rank}
         while waiting:
             try:
                 async with asyncio.timeout_at(self.deadline["connect"]):
-                    channel = await inbox.get()  # type: ignore[attr-defined]
+                    channel = await inbox.get()
             except TimeoutError:
                 return  # the sessions still waiting time out on their own
             rank = next((r for r in waiting if self.group.members[r].peer_id == channel.remote_peer_id), None)
@@ -329,7 +330,7 @@ class Round:
         await self._send(peer, self.faults.garbage(), "reduce")
         raise NetworkError("sent garbage (injected fault): the peer will drop this channel")
 
-    async def _send(self, peer: _Peer, data: object, phase: str) -> None:
+    async def _send(self, peer: _Peer, data: BytesLike, phase: str) -> None:
         if self.faults is not None:
             await self.faults.checkpoint()
         channel = peer.channel
@@ -337,7 +338,7 @@ class Round:
             raise NetworkError("peer excluded")
         timeout = min(self.config.stall_timeout_s, self.deadline[phase] - asyncio.get_running_loop().time())
         async with asyncio.timeout(max(0.0, timeout)):
-            await channel.send(data)  # type: ignore[arg-type]
+            await channel.send(data)
 
     # ---------------------------------------------------------------------------------------- receiving
 
