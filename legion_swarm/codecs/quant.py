@@ -35,7 +35,16 @@ from typing import ClassVar
 
 import torch
 
-from legion_swarm.codecs.base import Codec, CodecError, Encoded, check_input, check_output, register, require
+from legion_swarm.codecs.base import (
+    Codec,
+    CodecError,
+    Encoded,
+    check_input,
+    check_output,
+    min_max,
+    register,
+    require,
+)
 from legion_swarm.errors import ConfigError
 
 MIN_BLOCK = 8
@@ -142,6 +151,15 @@ class _BlockQuant(Codec):
             require(float(scales.min()) >= 0, f"{cls.name} scales must be >= 0")
 
 
+def _dequantize_into(target: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, first_block: int) -> None:
+    """``target[r] = codes[r] * scales[first_block + r]`` for (rows, block) views, ``target`` float32.
+
+    An exact integer -> float32 cast, then one float32 multiply: the rounding of a mixed-dtype mul, which
+    takes torch's slow casting path (4x slower on one thread)."""
+    rows = target.shape[0]
+    target.copy_(codes).mul_(scales[first_block : first_block + rows].unsqueeze(1))
+
+
 @register
 class Int8Codec(_BlockQuant):
     """Blockwise absmax int8: ``|x - x̂| <= absmax_block * (1/254 + 2**-20) + 2**-140``.
@@ -169,13 +187,8 @@ class Int8Codec(_BlockQuant):
         n, block = enc.numel, enc.params["block"]
         out = check_output(out, n, q.device)
         for start, rows, length in _segments(n, block):
-            first = start // block
-            # int8 -> float32 is exact, then one float32 multiply: the same rounding as a mixed-dtype mul,
-            # which takes torch's slow casting path (4x slower on one thread).
-            target = out[start : start + rows * length].view(rows, length)
-            target.copy_(q[start : start + rows * length].view(rows, length)).mul_(
-                scales[first : first + rows].unsqueeze(1)
-            )
+            codes = q[start : start + rows * length].view(rows, length)
+            _dequantize_into(out[start : start + rows * length].view(rows, length), codes, scales, start // block)
         return out
 
     @classmethod
@@ -183,7 +196,7 @@ class Int8Codec(_BlockQuant):
         q, scales = enc.buffers
         cls._check_scales(scales)
         # -128 is outside the symmetric code range the encoder produces.
-        require(q.numel() == 0 or int(q.min()) >= -cls.qmax, "int8 codes must be in [-127, 127]")
+        require(q.numel() == 0 or min_max(q)[0] >= -cls.qmax, "int8 codes must be in [-127, 127]")
 
 
 @register
@@ -235,11 +248,8 @@ class Int4Codec(_BlockQuant):
             v.copy_(chunk)
             torch.bitwise_left_shift(v, 4, out=h).bitwise_and_(0x0F00)
             v.bitwise_and_(15).bitwise_or_(h)
-            first = start // block
-            target = out[start : start + m].view(rows, length)  # exact cast, then a float32 multiply (see int8)
-            target.copy_(v.view(torch.int8)[:m].sub_(8).view(rows, length)).mul_(
-                scales[first : first + rows].unsqueeze(1)
-            )
+            codes = v.view(torch.int8)[:m].sub_(8).view(rows, length)
+            _dequantize_into(out[start : start + m].view(rows, length), codes, scales, start // block)
         return out
 
     @classmethod
@@ -248,7 +258,7 @@ class Int4Codec(_BlockQuant):
         cls._check_scales(scales)
         if packed.numel():
             # Code 0 (= -8) is never produced; an odd numel's pad nibble must be the zero code 8.
-            require(int((packed & 15).min()) >= 1 and int(packed.min()) >= 16, "int4 codes must be in [1, 15]")
+            require(min_max(packed & 15)[0] >= 1 and min_max(packed)[0] >= 16, "int4 codes must be in [1, 15]")
             if enc.numel & 1:
                 require(int(packed[-1]) >> 4 == 8, "int4 pad nibble must be 8")
 
