@@ -6,7 +6,10 @@
     ├── ConfigError                 bad user input: flags, files, names (CLI exit code 2)
     │   ├── IdentityError           identity key file unreadable, malformed or of the wrong type
     │   ├── AddressInUseError       the listen port is taken
-    │   └── SwarmMismatchError      the entry peer serves another swarm
+    │   ├── SwarmMismatchError      the entry peer serves another swarm
+    │   ├── SwarmConfigError        a local setting conflicts with the swarm's signed config
+    │   ├── ModelError              a model cannot be built (unknown preset, missing optional package)
+    │   └── DataError               a dataset cannot be loaded (missing file, hub unreachable, bad field)
     ├── NetworkError                the network did not cooperate (CLI exit code 1)
     │   ├── PeerUnreachableError    none of the initial peers answered in time
     │   ├── ProtocolError           a peer sent a malformed, oversized or unexpected message
@@ -14,7 +17,8 @@
     │   ├── ChannelClosedError      a secure channel was closed and cannot be used
     │   └── RoundTimeoutError       a collective round overran its deadline (a bug, or this peer stalled)
     ├── RecordError                 a DHT record failed its schema or signature check
-    └── CodecError                  a tensor cannot be encoded, or a wire message is malformed
+    ├── CodecError                  a tensor cannot be encoded, or a wire message is malformed
+    └── TrainingError               training cannot go on (too many failed rounds in a row, no donor)
 
 Failures that are part of normal operation (a peer that vanished mid-round, a record that expired)
 come back as values, not exceptions.
@@ -41,6 +45,18 @@ class AddressInUseError(ConfigError):
 
 class SwarmMismatchError(ConfigError):
     """An entry peer belongs to a different swarm than the one requested."""
+
+
+class SwarmConfigError(ConfigError):
+    """A local setting conflicts with the swarm's signed config, or that config is missing or invalid."""
+
+
+class ModelError(ConfigError):
+    """A model cannot be built: unknown preset or architecture, or an optional package is missing."""
+
+
+class DataError(ConfigError):
+    """A dataset or tokenizer cannot be loaded: missing file, unreachable hub, wrong text field."""
 
 
 class NetworkError(LegionError):
@@ -74,3 +90,7 @@ class RecordError(LegionError, ValueError):
 
 class CodecError(LegionError, ValueError):
     """A tensor cannot be encoded (non-finite, out of range) or an encoded wire message is malformed."""
+
+
+class TrainingError(LegionError):
+    """Training cannot go on: too many failed rounds in a row, no donor for the state, a diverged model."""
