@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 
-from legion_swarm import HostConfig, MembershipConfig, PeerConfig, SwarmPeer
+from legion_swarm import HostConfig, MembershipConfig, PeerConfig, PeerRecord, SwarmPeer
 
 
 def median_ms(samples: list[float]) -> float:
@@ -76,7 +76,7 @@ async def bench_ours(n: int, ops: int, rng: random.Random, heartbeat_s: float) -
             await writer.membership.publish()
             stores.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            await reader.dht.read_all("legion/bench/peers")
+            await reader.dht.read_all("legion/bench/peers", PeerRecord)
             gets.append(time.perf_counter() - t0)
         return {
             "join_median_s": round(statistics.median(joins), 3),

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from legion_swarm.dht.records import Hardware, PeerRecord, parse_record
+from legion_swarm.dht.records import ConfigRecord, Hardware, Lease, LeaseRecord, PeerRecord, parse_record
 from legion_swarm.errors import RecordError
 
 
@@ -88,3 +88,60 @@ def test_advertised_ip_prefers_announced_then_specific_then_seen_addresses() -> 
     assert advertised_ip("192.168.1.4", (), seen) == "192.168.1.4"
     assert advertised_ip("0.0.0.0", (), seen) == "10.1.2.3"
     assert advertised_ip("0.0.0.0", (), seen[:1]) == "127.0.0.1"
+
+
+def test_progress_fields_round_trip() -> None:
+    wire = make_record(round=7, bytes_sent=10, bytes_received=12, mode="diloco")
+    assert parse_record(wire).to_wire() == wire
+
+
+@pytest.mark.parametrize(
+    "changes", [{"mode": "async"}, {"bytes_sent": -1}, {"round": -2}, {"bytes_received": 1.5}, {"round": True}]
+)
+def test_bad_progress_fields_rejected(changes: dict) -> None:
+    with pytest.raises(RecordError):
+        parse_record(make_record(**changes))
+
+
+def make_lease(**changes: object) -> dict:
+    wire = LeaseRecord(
+        swarm="s", peer_id="QmPeer", sent_at=2.0, leases=(Lease(shard=3, since=1.5, position=4),)
+    ).to_wire()
+    wire.update(changes)
+    return wire
+
+
+def test_lease_record_round_trip() -> None:
+    wire = make_lease()
+    parsed = parse_record(wire)
+    assert isinstance(parsed, LeaseRecord)
+    assert parsed.leases == (Lease(shard=3, since=1.5, position=4),)
+    assert parsed.to_wire() == wire
+
+
+@pytest.mark.parametrize(
+    "leases",
+    [
+        [[3, 1.5]],
+        [[-1, 1.5, 0]],
+        [[3, "x", 0]],
+        [[3, 1.5, -4]],
+        [[3.0, 1.5, 0]],
+        [[True, 1.5, 0]],
+        [[3, math.inf, 0]],
+        "not a list",
+        [[i, 1.0, 0] for i in range(2000)],
+    ],
+)
+def test_bad_leases_rejected(leases: object) -> None:
+    with pytest.raises(RecordError):
+        parse_record(make_lease(leases=leases))
+
+
+def test_config_record_round_trip_and_types() -> None:
+    wire = ConfigRecord(
+        swarm="s", peer_id="QmA", sent_at=1.0, creator="QmB", creator_key=b"k", config=b"c", signature=b"s"
+    ).to_wire()
+    assert parse_record(wire).to_wire() == wire
+    with pytest.raises(RecordError):
+        parse_record({**wire, "signature": "text, not bytes"})

@@ -156,6 +156,6 @@ class Membership:
 
 async def read_members(dht: SwarmDHT, swarm: str) -> list[Found]:
     """Live members of ``swarm`` (departed ones dropped), bootstrap nodes first, then by peer id."""
-    found = await dht.read_all(peers_key(swarm))
+    found = await dht.read_all(peers_key(swarm), PeerRecord)
     alive = [f for f in found.values() if f.record.state == "alive"]
     return sorted(alive, key=lambda f: (f.record.role != "bootstrap", f.record.peer_id))

@@ -16,7 +16,7 @@ from hivemind.dht import DHTNode
 from hivemind.dht.routing import get_dht_time
 
 from legion_swarm.config import DHTConfig
-from legion_swarm.dht.records import PeerRecord, parse_record
+from legion_swarm.dht.records import Record, parse_record
 from legion_swarm.dht.validator import SignedSubkeyValidator
 from legion_swarm.errors import PeerUnreachableError, RecordError
 from legion_swarm.transport.host import Host
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 class Found:
     """A record read from the DHT with its expiration (DHT time, seconds since the epoch)."""
 
-    record: PeerRecord
+    record: Record
     expires_at: float
 
 
@@ -67,20 +67,20 @@ class SwarmDHT:
         stored = await self.node.store(key, record, expires_at, subkey=self.host.peer_id, await_all_replicas=False)
         return bool(stored)
 
-    async def read_all(self, key: str) -> dict[str, Found]:
-        """All live, valid records under ``key`` by owner peer id (latest version of each).
+    async def read_all(self, key: str, kind: type[Record]) -> dict[str, Found]:
+        """All live, valid records of type ``kind`` under ``key`` by owner peer id (latest version of each).
 
         One DHT read can miss records (replicas that timed out are skipped for a while), so the result is
         merged with what earlier reads returned: a reader never forgets a record before it expires.
         """
         result = await self.node.get(key, latest=True)
-        fresh = self._parse(key, result.value if result is not None else None)
+        fresh = self._parse(key, result.value if result is not None else None, kind)
         merged = merge_records(self._seen.get(key, {}), fresh, get_dht_time())
         self._seen[key] = merged
         return dict(merged)
 
     @staticmethod
-    def _parse(key: str, value: Any) -> dict[str, Found]:
+    def _parse(key: str, value: Any, kind: type[Record]) -> dict[str, Found]:
         if not isinstance(value, dict):
             return {}
         now = get_dht_time()
@@ -92,6 +92,10 @@ class SwarmDHT:
                 record = parse_record(item.value)
                 if record.peer_id != owner:
                     raise RecordError("peer_id field differs from the subkey")
+                if not isinstance(record, kind):
+                    raise RecordError(f"a {record.kind} record where {kind.kind} records belong")
+                if record.swarm != expected_swarm(key):
+                    raise RecordError(f"record of swarm {record.swarm!r} under another swarm's key")
             except RecordError as e:
                 logger.warning("ignoring malformed record under %s/%s: %s", key, str(owner)[:16], e)
                 continue
@@ -121,6 +125,11 @@ def merge_records(seen: dict[str, Found], fresh: dict[str, Found], now: float) -
         if f.expires_at > now and (owner not in merged or f.expires_at > merged[owner].expires_at):
             merged[owner] = f
     return merged
+
+
+def expected_swarm(key: str) -> str:
+    """The swarm a ``legion/<swarm>/...`` key belongs to."""
+    return key.split("/", 2)[1] if key.count("/") >= 2 else ""
 
 
 dht_time = get_dht_time

@@ -26,6 +26,16 @@ def peers_key(swarm: str) -> str:
     return f"legion/{swarm}/peers"
 
 
+def leases_key(swarm: str) -> str:
+    """DHT key whose subkeys are each peer's data-shard leases."""
+    return f"legion/{swarm}/leases"
+
+
+def config_key(swarm: str) -> str:
+    """DHT key whose subkeys are copies of the swarm's creator-signed config, one per peer that serves it."""
+    return f"legion/{swarm}/config"
+
+
 @dataclass(frozen=True, kw_only=True)
 class Hardware:
     """What a peer brings: logical CPUs, RAM in GiB, and the first GPU's name if any."""
@@ -57,6 +67,14 @@ class PeerRecord:
     group: str | None = None
     data: tuple[str, int] | None = None
     """``(ip, port)`` of the peer's direct data plane (authenticated, encrypted TCP), if it serves one."""
+    round: int | None = None
+    """Global round this peer last committed (every step in ``sync``, every outer step in ``diloco``)."""
+    bytes_sent: int | None = None
+    """Payload bytes this peer sent on its data plane since it started."""
+    bytes_received: int | None = None
+    """Payload bytes this peer received on its data plane since it started."""
+    mode: str | None = None
+    """``sync`` or ``diloco`` for a training peer."""
 
     kind = "peer"
 
@@ -83,6 +101,10 @@ _PEER_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
     "tokens_per_s": (_OPTIONAL_NUMBER, False),
     "group": ((str, type(None)), False),
     "data": ((list, type(None)), False),
+    "round": ((int, type(None)), False),
+    "bytes_sent": ((int, type(None)), False),
+    "bytes_received": ((int, type(None)), False),
+    "mode": ((str, type(None)), False),
 }
 _HARDWARE_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
     "cpus": ((int,), True),
@@ -116,6 +138,11 @@ def parse_peer_record(obj: Any) -> PeerRecord:
     fields = _check(obj, _PEER_SCHEMA, "peer record")
     if obj.get("kind") != PeerRecord.kind:
         raise RecordError(f"peer record: kind is {obj.get('kind')!r}")
+    if fields.get("mode") not in (None, "sync", "diloco"):
+        raise RecordError(f"peer record: unknown mode {fields['mode']!r}")
+    for name in ("bytes_sent", "bytes_received", "round"):
+        if fields.get(name) is not None and fields[name] < 0:
+            raise RecordError(f"peer record: {name} is negative")
     addrs = fields["addrs"]
     if len(addrs) > 32 or not all(isinstance(a, str) and len(a) < 512 for a in addrs):
         raise RecordError("peer record: addrs must be at most 32 strings")
@@ -134,10 +161,115 @@ def parse_peer_record(obj: Any) -> PeerRecord:
     return PeerRecord(**fields)
 
 
-_PARSERS = {PeerRecord.kind: parse_peer_record}
+@dataclass(frozen=True, kw_only=True)
+class Lease:
+    """One data shard held by a peer: since when (DHT time) and how far its reader got."""
+
+    shard: int
+    since: float
+    position: int = 0
+    """Batches of this shard trained so far, so a peer that takes the shard over continues from there."""
 
 
-def parse_record(obj: Any) -> PeerRecord:
+@dataclass(frozen=True, kw_only=True)
+class LeaseRecord:
+    """The data shards a peer holds. The record expires with the leases: a dead peer's shards come free."""
+
+    swarm: str
+    peer_id: str
+    sent_at: float
+    leases: tuple[Lease, ...] = ()
+
+    kind = "lease"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "swarm": self.swarm,
+            "peer_id": self.peer_id,
+            "sent_at": self.sent_at,
+            "leases": [[lease.shard, lease.since, lease.position] for lease in self.leases],
+        }
+
+
+MAX_LEASES = 1024
+
+_LEASE_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
+    "swarm": ((str,), True),
+    "peer_id": ((str,), True),
+    "sent_at": (_NUMBER, True),
+    "leases": ((list,), True),
+}
+
+
+def parse_lease_record(obj: Any) -> LeaseRecord:
+    fields = _check(obj, _LEASE_SCHEMA, "lease record")
+    leases = fields["leases"]
+    if len(leases) > MAX_LEASES:
+        raise RecordError(f"lease record: more than {MAX_LEASES} leases")
+    parsed = []
+    for item in leases:
+        if not (
+            isinstance(item, list) and len(item) == 3 and type(item[0]) is int and item[0] >= 0
+            and isinstance(item[1], _NUMBER) and not isinstance(item[1], bool) and math.isfinite(item[1])
+            and type(item[2]) is int and item[2] >= 0
+        ):  # fmt: skip
+            raise RecordError("lease record: each lease must be [shard, since, position]")
+        parsed.append(Lease(shard=item[0], since=float(item[1]), position=item[2]))
+    fields["leases"] = tuple(parsed)
+    return LeaseRecord(**fields)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConfigRecord:
+    """A copy of the swarm's config as its creator signed it; any peer may serve one under its own subkey.
+
+    The DHT envelope proves who *wrote* this copy; ``signature`` (by ``creator_key``, over ``config``) proves
+    who *made* the config, and readers check it against the creator they trust (the entry peer names it).
+    """
+
+    swarm: str
+    peer_id: str
+    sent_at: float
+    creator: str
+    creator_key: bytes
+    config: bytes
+    """Canonical msgpack of the config map; its sha256 is the config hash."""
+    signature: bytes
+
+    kind = "config"
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = asdict(self)
+        wire["kind"] = self.kind
+        return wire
+
+
+_CONFIG_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
+    "swarm": ((str,), True),
+    "peer_id": ((str,), True),
+    "sent_at": (_NUMBER, True),
+    "creator": ((str,), True),
+    "creator_key": ((bytes,), True),
+    "config": ((bytes,), True),
+    "signature": ((bytes,), True),
+}
+
+
+def parse_config_record(obj: Any) -> ConfigRecord:
+    return ConfigRecord(**_check(obj, _CONFIG_SCHEMA, "config record"))
+
+
+Record = PeerRecord | LeaseRecord | ConfigRecord
+
+_PARSERS = {
+    PeerRecord.kind: parse_peer_record,
+    LeaseRecord.kind: parse_lease_record,
+    ConfigRecord.kind: parse_config_record,
+}
+
+
+def parse_record(obj: Any) -> Record:
     """Dispatch on the ``kind`` field; raise :class:`RecordError` for unknown kinds or bad fields."""
     kind = obj.get("kind") if isinstance(obj, dict) else None
     parser = _PARSERS.get(kind) if isinstance(kind, str) else None
