@@ -19,6 +19,7 @@ from legion_swarm.collectives.faults import FaultPlan, InjectedCrash
 from legion_swarm.collectives.partition import PartitionPlan, ShardSlice, flatten, plan_partition, unflatten_into
 from legion_swarm.collectives.reference import reference_all_reduce, weighted_average
 from legion_swarm.collectives.result import RoundResult, faulty_members
+from legion_swarm.collectives.rounds import group_plan
 
 __all__ = [
     "Collectives",
@@ -29,6 +30,7 @@ __all__ = [
     "ShardSlice",
     "faulty_members",
     "flatten",
+    "group_plan",
     "plan_partition",
     "reference_all_reduce",
     "unflatten_into",

@@ -45,7 +45,7 @@ from legion_swarm.codecs import Codec, Encoded, ErrorFeedback, decode, from_wire
 from legion_swarm.collectives import wire
 from legion_swarm.collectives.buffers import BufferPool
 from legion_swarm.collectives.faults import FaultInjector, FaultPlan, InjectedCrash
-from legion_swarm.collectives.partition import plan_partition
+from legion_swarm.collectives.partition import PartitionPlan, plan_partition
 from legion_swarm.collectives.reference import weighted_average
 from legion_swarm.collectives.result import RoundResult, edge, faulty_members
 from legion_swarm.config import CollectiveConfig
@@ -82,6 +82,13 @@ class _Peer:
     plane: str = "-"
 
 
+def group_plan(group: GroupInfo, numels: Sequence[int]) -> PartitionPlan:
+    """The partition a round of ``group`` uses for tensors of ``numels`` elements: rank ``s`` owns shard ``s``,
+    sized by the members' bandwidths. Callers that keep per-shard state (a sharded optimizer) use it to
+    prepare that state before the round starts."""
+    return plan_partition(numels, group.size, [m.bandwidth for m in group.members])
+
+
 class Round:
     """The state of one round for one member; :meth:`run` it once."""
 
@@ -99,7 +106,7 @@ class Round:
             raise ValueError(f"weight must be a number in (0, {wire.MAX_WEIGHT:g}], got {weight!r}")
         self.weight = float(weight) if reduce else 1.0
         self.update_fn, self.reduce, self.gather = update_fn, reduce, gather
-        self.plan = plan_partition([t.numel() for t in self.tensors], group.size, [m.bandwidth for m in group.members])
+        self.plan = group_plan(group, [t.numel() for t in self.tensors])
         self.codec: Codec = get_codec(config.codec, **config.codec_options(config.codec))
         gather_name = config.resolved_gather_codec
         self.gather_codec: Codec = get_codec(gather_name, **config.codec_options(gather_name))

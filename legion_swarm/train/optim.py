@@ -1,0 +1,224 @@
+"""Sharded optimizers: the state of one contiguous range of the flat parameter space, held by its owner only.
+
+In a group of G members each owner keeps optimizer state for its shard alone (ZeRO-1/2), so a member holds
+about 1/G of the state a single-process optimizer would. An owner turns its averaged shard into an
+*update* ``u`` (the new parameters are ``p - u``) inside the collectives' ``update_fn``; the update, not the
+parameters, is all-gathered, because a lossy codec then errs on a small difference instead of on the
+weights themselves. State changes are staged and applied only once the round commits this owner's shard,
+so a round that loses the shard leaves the state as it was.
+
+Two rules, same machinery:
+
+- :class:`ShardedAdamW` (``sync`` mode, on averaged gradients): torch's AdamW, elementwise.
+- :class:`ShardedNesterov` (``diloco`` outer step, on averaged pseudo-gradients): SGD with Nesterov
+  momentum as ``torch.optim.SGD(momentum=mu, nesterov=True)`` computes it.
+
+When the partition changes (a member joins or leaves), :meth:`ShardState.rebase` moves the state to the new
+range: the overlap with the old range is kept, the rest is filled from ``fetch`` (state handed over by the
+previous owners) or starts fresh, with AdamW's bias correction restarting for just those elements.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+Segment = tuple[int, int, int]
+"""``(start, end, step)``: elements ``[start, end)`` of the flat space have taken ``step`` optimizer steps."""
+
+Fetch = Callable[[int, int], "StateSlice | None"]
+"""``fetch(start, end)``: the previous owners' state for flat elements ``[start, end)``, or None."""
+
+
+@dataclass
+class StateSlice:
+    """Optimizer state for flat elements ``[start, end)``: named 1-D float32 buffers and step segments."""
+
+    start: int
+    end: int
+    buffers: dict[str, torch.Tensor]
+    segments: list[Segment]
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+    def sub(self, start: int, end: int) -> StateSlice | None:
+        """The part covering ``[start, end)``, or None if this slice does not hold all of it."""
+        if not (self.start <= start <= end <= self.end):
+            return None
+        buffers = {n: b[start - self.start : end - self.start] for n, b in self.buffers.items()}
+        return StateSlice(start, end, buffers, _clip(self.segments, start, end))
+
+
+class ShardState:
+    """Per-element optimizer buffers for one flat range, plus how many steps each element has taken."""
+
+    buffer_names: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.start = self.end = 0
+        self.buffers: dict[str, torch.Tensor] = {name: torch.zeros(0) for name in self.buffer_names}
+        self.segments: list[Segment] = []
+
+    @property
+    def numel(self) -> int:
+        return self.end - self.start
+
+    def nbytes(self) -> int:
+        """Bytes of optimizer state held (what ZeRO divides by the group size)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+    def rebase(self, start: int, end: int, fetch: Fetch | None = None) -> int:
+        """Hold the state of ``[start, end)`` from now on; return how many elements start fresh."""
+        if (start, end) == (self.start, self.end):
+            return 0
+        new = {name: torch.zeros(end - start) for name in self.buffer_names}
+        segments: list[Segment] = []
+        covered: list[tuple[int, int]] = []
+        lo, hi = max(start, self.start), min(end, self.end)
+        if lo < hi:  # keep what we already hold
+            for name in self.buffer_names:
+                new[name][lo - start : hi - start] = self.buffers[name][lo - self.start : hi - self.start]
+            segments += _clip(self.segments, lo, hi)
+            covered.append((lo, hi))
+        fresh = 0
+        for gap_lo, gap_hi in _gaps(start, end, covered):
+            got = fetch(gap_lo, gap_hi) if fetch is not None else None
+            if got is not None and (got.start, got.end) == (gap_lo, gap_hi):
+                for name in self.buffer_names:
+                    new[name][gap_lo - start : gap_hi - start] = got.buffers[name]
+                segments += _clip(got.segments, gap_lo, gap_hi)
+            else:
+                segments.append((gap_lo, gap_hi, 0))
+                fresh += gap_hi - gap_lo
+        self.start, self.end, self.buffers = start, end, new
+        self.segments = _merge(sorted(segments))
+        if fresh:
+            logger.info("optimizer state for %d of %d elements starts fresh", fresh, end - start)
+        return fresh
+
+    def export(self, start: int, end: int) -> StateSlice | None:
+        """A copy of the state of ``[start, end)`` if this holds all of it (for the next owner)."""
+        if not (self.start <= start <= end <= self.end):
+            return None
+        buffers = {n: b[start - self.start : end - self.start].clone() for n, b in self.buffers.items()}
+        return StateSlice(start, end, buffers, _clip(self.segments, start, end))
+
+    def _per_element(self, fn: Callable[[int], float]) -> torch.Tensor | float:
+        """``fn(step)`` for each element: a float when all elements share a step, else a 1-D tensor."""
+        if len(self.segments) <= 1:
+            return fn(self.segments[0][2] if self.segments else 0)
+        out = torch.empty(self.numel)
+        for lo, hi, step in self.segments:
+            out[lo - self.start : hi - self.start] = fn(step)
+        return out
+
+
+@dataclass(frozen=True)
+class Staged:
+    """New state computed for one round, applied by :meth:`ShardState.commit` if the round commits."""
+
+    buffers: dict[str, torch.Tensor]
+    segments: list[Segment]
+
+
+class ShardedAdamW(ShardState):
+    """AdamW (decoupled weight decay, bias-corrected) for one shard; matches ``torch.optim.AdamW`` elementwise."""
+
+    buffer_names = ("exp_avg", "exp_avg_sq")
+
+    def __init__(
+        self, *, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01
+    ) -> None:
+        super().__init__()
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+
+    def compute(self, params: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, Staged]:
+        """The update ``u`` (new params are ``params - u``) and the staged state, for this shard's
+        ``params`` and averaged ``grad`` (1-D float32, this shard's size). Nothing is modified."""
+        self._check(params, grad)
+        beta1, beta2 = self.betas
+        segments = [(lo, hi, step + 1) for lo, hi, step in self.segments]
+        exp_avg = self.buffers["exp_avg"].lerp(grad, 1 - beta1)
+        exp_avg_sq = self.buffers["exp_avg_sq"].mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+        staged = Staged({"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, segments)
+        # The same operations, in the same order, as torch's single-tensor AdamW (the CPU default).
+        new = params.mul(1 - self.lr * self.weight_decay)
+        bias1 = self._with(segments, lambda step: 1 - beta1**step)
+        bias2_sqrt = self._with(segments, lambda step: math.sqrt(1 - beta2**step))
+        denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(self.eps)
+        if isinstance(bias1, float):
+            new.addcdiv_(exp_avg, denom, value=-(self.lr / bias1))
+        else:  # elements at different steps (state partly handed over, partly fresh)
+            new.sub_((self.lr / bias1) * (exp_avg / denom))
+        return params - new, staged
+
+    def _with(self, segments: list[Segment], fn: Callable[[int], float]) -> torch.Tensor | float:
+        saved, self.segments = self.segments, segments
+        try:
+            return self._per_element(fn)
+        finally:
+            self.segments = saved
+
+    def _check(self, params: torch.Tensor, grad: torch.Tensor) -> None:
+        for name, t in (("params", params), ("grad", grad)):
+            if t.shape != (self.numel,) or t.dtype != torch.float32:
+                raise ValueError(f"{name} must be float32 of shape ({self.numel},), got {t.dtype} {tuple(t.shape)}")
+
+    def commit(self, staged: Staged) -> None:
+        self.buffers, self.segments = staged.buffers, staged.segments
+
+
+class ShardedNesterov(ShardState):
+    """The DiLoCo outer optimizer for one shard: SGD with Nesterov momentum on averaged pseudo-gradients."""
+
+    buffer_names = ("momentum",)
+
+    def __init__(self, *, lr: float = 0.7, momentum: float = 0.9) -> None:
+        super().__init__()
+        self.lr, self.momentum = lr, momentum
+
+    def compute(self, params: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, Staged]:
+        """The update ``u = lr * (g + mu * buf')`` with ``buf' = mu * buf + g`` (torch's SGD, first step
+        included: there the buffer starts as ``g``, which ``mu * 0 + g`` equals)."""
+        if grad.shape != (self.numel,):
+            raise ValueError(f"grad must have shape ({self.numel},), got {tuple(grad.shape)}")
+        first = all(step == 0 for _, _, step in self.segments)
+        buf = grad.clone() if first else self.buffers["momentum"].mul(self.momentum).add_(grad)
+        update = grad.add(buf, alpha=self.momentum).mul_(self.lr)
+        segments = [(lo, hi, step + 1) for lo, hi, step in self.segments]
+        return update, Staged({"momentum": buf}, segments)
+
+    def commit(self, staged: Staged) -> None:
+        self.buffers, self.segments = staged.buffers, staged.segments
+
+
+def _clip(segments: list[Segment], lo: int, hi: int) -> list[Segment]:
+    return [(max(a, lo), min(b, hi), s) for a, b, s in segments if min(b, hi) > max(a, lo)]
+
+
+def _gaps(start: int, end: int, covered: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    gaps, at = [], start
+    for lo, hi in sorted(covered):
+        if lo > at:
+            gaps.append((at, lo))
+        at = max(at, hi)
+    if at < end:
+        gaps.append((at, end))
+    return gaps
+
+
+def _merge(segments: list[Segment]) -> list[Segment]:
+    merged: list[Segment] = []
+    for lo, hi, step in segments:
+        if merged and merged[-1][1] == lo and merged[-1][2] == step:
+            merged[-1] = (merged[-1][0], hi, step)
+        else:
+            merged.append((lo, hi, step))
+    return merged
