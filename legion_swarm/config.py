@@ -268,3 +268,67 @@ class CollectiveConfig:
         if name == "topk":
             return {"fraction": self.topk_fraction}
         return {}
+
+
+MODES = ("sync", "diloco")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """How the swarm optimises: the mode, the inner AdamW, the DiLoCo outer step, the codec.
+
+    Part of the swarm's signed config: every member must use the same values (the owners of shards apply
+    them for everyone).
+    """
+
+    mode: str = "diloco"
+    """``sync``: average gradients and step every batch. ``diloco``: ``inner_steps`` local steps, then average
+    the pseudo-gradients and take a Nesterov outer step."""
+    lr: float = 1e-3
+    """AdamW learning rate (the inner optimiser in ``diloco``, the sharded one in ``sync``)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to every parameter."""
+    grad_clip: float | None = 1.0
+    """Clip each local step's gradient norm to this (``diloco`` inner steps only: in ``sync`` no member sees
+    the whole averaged gradient). ``None``: no clipping."""
+    inner_steps: int = 20
+    """``diloco``: local steps between outer steps (H)."""
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    codec: str | None = None
+    """Codec of the exchanged tensors; ``None``: ``none`` for ``sync``, ``int8`` for ``diloco``."""
+    max_failed_rounds: int = 5
+    """Consecutive rounds that commit nothing before training stops with an error."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"bad mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        for name in ("lr", "outer_lr"):
+            _positive(name, getattr(self, name))
+        if not (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)):
+            raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        _positive("eps", self.eps)
+        if not 0 <= self.weight_decay < 1 / self.lr:
+            raise ConfigError(f"weight_decay must be in [0, 1/lr), got {self.weight_decay}")
+        if self.grad_clip is not None:
+            _positive("grad_clip", self.grad_clip)
+        if not 0 <= self.outer_momentum < 1:
+            raise ConfigError(f"outer_momentum must be in [0, 1), got {self.outer_momentum}")
+        if not (isinstance(self.inner_steps, int) and self.inner_steps >= 1):
+            raise ConfigError(f"inner_steps must be an integer >= 1, got {self.inner_steps}")
+        if self.codec is not None and self.codec not in CODECS:
+            raise ConfigError(f"bad codec {self.codec!r}: expected one of {', '.join(CODECS)}")
+        if not (isinstance(self.max_failed_rounds, int) and self.max_failed_rounds >= 1):
+            raise ConfigError(f"max_failed_rounds must be an integer >= 1, got {self.max_failed_rounds}")
+
+    @property
+    def resolved_codec(self) -> str:
+        if self.codec is not None:
+            return self.codec
+        return "none" if self.mode == "sync" else "int8"
+
+    def adamw(self) -> dict[str, float | tuple[float, float]]:
+        """Keyword arguments of AdamW (``torch.optim.AdamW`` and the sharded one alike)."""
+        return {"lr": self.lr, "betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay}

@@ -80,3 +80,32 @@ def test_configs_are_frozen() -> None:
     config = HostConfig()
     with pytest.raises(AttributeError):
         config.port = 5  # type: ignore[misc]
+
+
+def test_train_config_defaults_and_codec() -> None:
+    from legion_swarm.config import TrainConfig
+
+    assert TrainConfig().resolved_codec == "int8" and TrainConfig(mode="sync").resolved_codec == "none"
+    assert TrainConfig(codec="fp16").resolved_codec == "fp16"
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"mode": "async"},
+        {"lr": 0},
+        {"lr": float("nan")},
+        {"betas": (0.9, 1.0)},
+        {"inner_steps": 0},
+        {"outer_momentum": 1.0},
+        {"codec": "zip"},
+        {"grad_clip": -1.0},
+        {"max_failed_rounds": 0},
+        {"weight_decay": -0.1},
+    ],
+)
+def test_train_config_rejects_bad_values(changes: dict) -> None:
+    from legion_swarm.config import TrainConfig
+
+    with pytest.raises(ConfigError):
+        TrainConfig(**changes)

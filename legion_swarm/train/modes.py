@@ -1,0 +1,188 @@
+"""The two ways a group trains together, both on the collectives' ``sharded_step``.
+
+- :class:`SyncMode`: every step, reduce-scatter the gradients (weighted by samples); each owner applies
+  AdamW to its shard with optimizer state that exists only there (ZeRO-1/2); all-gather the updates.
+- :class:`DiLoCoMode`: H local AdamW steps, then the same sharded step on the pseudo-gradient
+  ``anchor - params`` (how far this peer moved since the last sync) with a sharded outer Nesterov.
+
+Both all-gather an *update* ``u`` and set ``params = start - u``, where ``start`` is what every member held
+before the round (bit-identical: the current parameters in ``sync``, the anchor in ``diloco``). Shards a
+round does not commit get ``u = 0``, so survivors of a round always end bit-identical; a member the round
+declares faulty may have missed shards and must re-sync (:attr:`RoundOutcome.in_sync` is False).
+
+Forward and backward passes run in a worker thread so the event loop keeps serving heartbeats and the data
+plane while the model computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from legion_swarm.collectives import Collectives, FaultPlan, RoundResult, group_plan
+from legion_swarm.config import TrainConfig
+from legion_swarm.groups.info import GroupInfo
+from legion_swarm.train.optim import Fetch, ShardedAdamW, ShardedNesterov, ShardState, Staged
+
+logger = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+"""``(inputs, targets)``: int64 token ids of shape [B, T]."""
+
+MIN_WEIGHT = 1e-9
+"""Contribution weight of a member that trained on no samples since the last round (it must send something)."""
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What a training round did, for this peer."""
+
+    result: RoundResult
+    samples: int
+    """Samples this peer contributed."""
+    fresh_state: int
+    """Optimizer-state elements of this peer's new shard that nobody could hand over (they start fresh)."""
+
+    @property
+    def in_sync(self) -> bool:
+        """False if the round declared this peer faulty: its parameters may now differ from the group's."""
+        return self.result.rank not in self.result.faulty
+
+    @property
+    def committed(self) -> bool:
+        return bool(self.result.committed)
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Parameters a swarm averages, in ``model.parameters()`` order (tied weights once)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.dtype != torch.float32:
+            raise TypeError(f"swarm training needs float32 parameters, got {p.dtype}")
+    return params
+
+
+def forward_backward(model: torch.nn.Module, batch: Batch) -> float:
+    """One forward and backward pass; gradients accumulate into ``.grad``. Returns the loss."""
+    inputs, targets = batch
+    _, loss = model(inputs, targets)
+    loss.backward()
+    return float(loss.detach())
+
+
+class _ShardedMode:
+    """What both modes share: the update buffers, staging the owner's state, applying the gathered update."""
+
+    def __init__(self, model: torch.nn.Module, collectives: Collectives, optimizer: ShardState) -> None:
+        self.model = model
+        self.collectives = collectives
+        self.params = trainable(model)
+        self.numels = [p.numel() for p in self.params]
+        self.optimizer = optimizer
+        self.updates = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in self.params]
+
+    @property
+    def peer_id(self) -> str:
+        return self.collectives.plane.identity.peer_id
+
+    def prepare(self, group: GroupInfo, fetch: Fetch | None) -> int:
+        """Move the sharded optimizer state to this peer's shard of ``group``'s partition."""
+        lo, hi = group_plan(group, self.numels).bounds[group.rank_of(self.peer_id)]
+        return self.optimizer.rebase(lo, hi, fetch)
+
+    async def _sharded_round(
+        self, group: GroupInfo, contributions: Sequence[torch.Tensor], start: Sequence[torch.Tensor],
+        weight: float, fetch: Fetch | None, faults: FaultPlan | None,
+    ) -> tuple[RoundResult, int]:  # fmt: skip
+        """Average ``contributions``; the owner turns its shard of ``start`` into an update; then
+        ``start -= update`` on every member for the committed shards."""
+        fresh = self.prepare(group, fetch)
+        plan = group_plan(group, self.numels)
+        staged: dict[int, Staged] = {}
+
+        def update_fn(shard: int, averaged: torch.Tensor) -> torch.Tensor:
+            update, staged[shard] = self.optimizer.compute(plan.extract(start, shard), averaged)
+            return update
+
+        for u in self.updates:
+            u.zero_()
+        result = await self.collectives.sharded_step(
+            group, contributions, update_fn, weight=max(weight, MIN_WEIGHT), out=self.updates, faults=faults
+        )
+        if result.rank in result.committed and result.rank in staged:
+            self.optimizer.commit(staged[result.rank])
+        with torch.no_grad():
+            for s, u in zip(start, self.updates, strict=True):
+                s.sub_(u)
+        return result, fresh
+
+
+class SyncMode(_ShardedMode):
+    """Every step: average gradients across the group, sharded AdamW on the owners, gather the updates."""
+
+    def __init__(self, model: torch.nn.Module, collectives: Collectives, config: TrainConfig) -> None:
+        super().__init__(model, collectives, ShardedAdamW(**config.adamw()))
+        self.config = config
+
+    async def step(
+        self, group: GroupInfo, batch: Batch, *, fetch: Fetch | None = None, faults: FaultPlan | None = None
+    ) -> tuple[RoundOutcome, float]:
+        """Train one step with the group; returns the outcome and this peer's loss on ``batch``."""
+        self.model.zero_grad(set_to_none=False)
+        loss = await asyncio.to_thread(forward_backward, self.model, batch)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        samples = int(batch[0].shape[0])
+        result, fresh = await self._sharded_round(group, grads, [p.data for p in self.params], samples, fetch, faults)
+        return RoundOutcome(result, samples, fresh), loss
+
+
+class DiLoCoMode(_ShardedMode):
+    """H local AdamW steps, then a sharded outer Nesterov step on the averaged pseudo-gradients."""
+
+    def __init__(self, model: torch.nn.Module, collectives: Collectives, config: TrainConfig) -> None:
+        super().__init__(model, collectives, ShardedNesterov(lr=config.outer_lr, momentum=config.outer_momentum))
+        self.config = config
+        self.inner = torch.optim.AdamW(self.params, **config.adamw())
+        self.anchor = [p.detach().clone() for p in self.params]
+        """The parameters every member of the group held after the last outer step."""
+        self.samples = 0
+        self.inner_steps = 0
+
+    def reset_anchor(self) -> None:
+        """Take the current parameters as the group's (after downloading them from the swarm)."""
+        with torch.no_grad():
+            for a, p in zip(self.anchor, self.params, strict=True):
+                a.copy_(p)
+        self.samples = self.inner_steps = 0
+
+    async def inner_step(self, batch: Batch) -> float:
+        """One local AdamW step on ``batch``; returns the loss."""
+        return await asyncio.to_thread(self._inner_step, batch)
+
+    def _inner_step(self, batch: Batch) -> float:
+        self.inner.zero_grad(set_to_none=False)
+        loss = forward_backward(self.model, batch)
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        self.inner.step()
+        self.samples += int(batch[0].shape[0])
+        self.inner_steps += 1
+        return loss
+
+    async def outer_step(
+        self, group: GroupInfo, *, fetch: Fetch | None = None, faults: FaultPlan | None = None
+    ) -> RoundOutcome:
+        """Average how far each member moved since the anchor; the owners' Nesterov step moves the anchor;
+        everyone continues from the new anchor."""
+        pseudo = [a - p.detach() for a, p in zip(self.anchor, self.params, strict=True)]
+        samples = self.samples
+        result, fresh = await self._sharded_round(group, pseudo, self.anchor, samples, fetch, faults)
+        with torch.no_grad():
+            for a, p in zip(self.anchor, self.params, strict=True):
+                p.copy_(a)
+        self.samples = self.inner_steps = 0
+        return RoundOutcome(result, samples, fresh)

@@ -1,0 +1,186 @@
+"""The training modes between real data planes in one process, against single-process references:
+``sync`` against torch's AdamW with N x batch, ``diloco`` against a naive N-worker DiLoCo."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+
+import pytest
+import torch
+
+from legion_swarm.collectives import Collectives, FaultPlan, InjectedCrash
+from legion_swarm.config import CollectiveConfig, TrainConfig
+from legion_swarm.groups import GroupInfo, GroupMember
+from legion_swarm.train.modes import DiLoCoMode, SyncMode, trainable
+from legion_swarm.train.reference import reference_diloco, reference_sync
+from legion_swarm.transport.dataplane import DataPlane
+from tests.test_collectives import FAST, planes
+
+VOCAB, SEQ, BATCH = 32, 16, 4
+
+
+class TinyLM(torch.nn.Module):
+    """Any module with the ``forward(idx, targets) -> (logits, loss)`` contract trains in a swarm."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.embed = torch.nn.Parameter(torch.randn(VOCAB, 24, generator=gen) * 0.1)
+        self.hidden = torch.nn.Linear(24, 24)
+        self.out = torch.nn.Linear(24, VOCAB)
+        with torch.no_grad():
+            for p in (*self.hidden.parameters(), *self.out.parameters()):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = self.out(torch.tanh(self.hidden(self.embed[idx])))
+        loss = None if targets is None else torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return logits, loss
+
+
+def batches(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        # A learnable sequence: each token is the previous plus one, from a random start.
+        start = torch.randint(0, VOCAB, (BATCH, 1), generator=gen)
+        seq = (start + torch.arange(SEQ + 1)) % VOCAB
+        out.append((seq[:, :-1], seq[:, 1:]))
+    return out
+
+
+def make_modes(cls: type, models: list[TinyLM], ps: list[DataPlane], codec: str, config: TrainConfig) -> list:
+    return [
+        cls(m, Collectives(p, CollectiveConfig(codec=codec, **FAST)), config) for m, p in zip(models, ps, strict=True)
+    ]
+
+
+def group_of(ps: list[DataPlane]) -> GroupInfo:
+    return GroupInfo(
+        round_id=os.urandom(8), members=tuple(GroupMember(peer_id=p.identity.peer_id, direct=p.endpoint) for p in ps)
+    )
+
+
+@pytest.mark.parametrize("n_peers", [2, 4])
+async def test_sync_equals_single_process_adamw_with_n_times_the_batch(n_peers: int) -> None:
+    config = TrainConfig(mode="sync", lr=1e-2, weight_decay=0.05)
+    steps = 20
+    data = [batches(n_peers, seed=100 + t) for t in range(steps)]  # data[t][r]
+    reference = TinyLM()
+    ref_losses = reference_sync(reference, data, config)
+
+    async with planes(n_peers) as ps:
+        models = [TinyLM() for _ in ps]
+        modes = make_modes(SyncMode, models, ps, "none", config)
+        losses = []
+        for t in range(steps):
+            group = group_of(ps)
+            outcomes = await asyncio.gather(*(mode.step(group, data[t][r]) for r, mode in enumerate(modes)))
+            assert all(o.result.complete and o.in_sync for o, _ in outcomes)
+            losses.append(sum(loss for _, loss in outcomes) / n_peers)
+
+    for model in models[1:]:  # every peer holds bit-identical parameters
+        for a, b in zip(trainable(model), trainable(models[0]), strict=True):
+            assert torch.equal(a, b)
+    for got, want in zip(trainable(models[0]), trainable(reference), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert losses[-1] < 0.9 * losses[0]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-4, atol=1e-5)
+
+    # ZeRO: each peer holds the AdamW moments of its shard only, about 1/N of torch's.
+    reference_state = sum(p.numel() for p in trainable(reference)) * 2 * 4
+    held = [mode.optimizer.nbytes() for mode in modes]
+    assert sum(held) == reference_state
+    for nbytes in held:
+        assert abs(nbytes - reference_state / n_peers) <= 64 * 2 * 4  # shard starts align to 64 elements
+
+
+async def test_diloco_equals_a_naive_diloco_reference() -> None:
+    n_peers, rounds, inner = 3, 3, 4
+    config = TrainConfig(mode="diloco", lr=3e-3, inner_steps=inner, outer_lr=0.7, outer_momentum=0.9)
+    # Unequal sample counts: peer r trains r + 1 fewer steps in round 1, so the sample weights matter.
+    plan = [[batches(inner - (k == 1) * r, seed=1000 * k + 10 * r) for r in range(n_peers)] for k in range(rounds)]
+    reference = reference_diloco(TinyLM(), plan, config)
+
+    async with planes(n_peers) as ps:
+        models = [TinyLM() for _ in ps]
+        modes = make_modes(DiLoCoMode, models, ps, "none", config)
+        for k in range(rounds):
+            for r, mode in enumerate(modes):
+                for batch in plan[k][r]:
+                    await mode.inner_step(batch)
+            group = group_of(ps)
+            outcomes = await asyncio.gather(*(mode.outer_step(group) for mode in modes))
+            assert all(o.result.complete for o in outcomes)
+            assert [o.samples for o in outcomes] == [sum(len(x) for x, _ in plan[k][r]) for r in range(n_peers)]
+
+    for model in models[1:]:
+        for a, b in zip(trainable(model), trainable(models[0]), strict=True):
+            assert torch.equal(a, b)
+    for got, want in zip(trainable(models[0]), trainable(reference), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    moved = sum(
+        float((a - b).detach().abs().sum()) for a, b in zip(trainable(models[0]), trainable(TinyLM()), strict=True)
+    )
+    assert moved > 1.0  # the outer steps changed the model
+
+
+async def test_diloco_int8_keeps_members_identical_and_close_to_the_reference() -> None:
+    n_peers, rounds, inner = 2, 3, 3
+    config = TrainConfig(mode="diloco", lr=3e-3, inner_steps=inner)
+    plan = [[batches(inner, seed=7 * k + r) for r in range(n_peers)] for k in range(rounds)]
+    reference = reference_diloco(TinyLM(), plan, config)
+    async with planes(n_peers) as ps:
+        models = [TinyLM() for _ in ps]
+        modes = make_modes(DiLoCoMode, models, ps, "int8", config)
+        for k in range(rounds):
+            for r, mode in enumerate(modes):
+                for batch in plan[k][r]:
+                    await mode.inner_step(batch)
+            group = group_of(ps)
+            outcomes = await asyncio.gather(*(mode.outer_step(group) for mode in modes))
+            assert all(o.result.complete for o in outcomes)
+    for a, b, want in zip(trainable(models[0]), trainable(models[1]), trainable(reference), strict=True):
+        assert torch.equal(a, b)
+        # int8 errs on the update (about lr * |delta| / 127 per element), not on the weights themselves.
+        assert float((a - want).detach().abs().max()) < 2e-3
+
+
+async def test_a_lost_shard_keeps_its_value_and_its_optimizer_state() -> None:
+    config = TrainConfig(mode="sync", lr=1e-2)
+    data = batches(3, seed=5)
+    crash = FaultPlan(phase="after_reduce", kind="kill", in_process=True)  # rank 2 dies holding its shard
+    async with planes(3) as ps:
+        models = [TinyLM() for _ in ps]
+        modes = make_modes(SyncMode, models, ps, "none", config)
+        before = flat(models[0]).clone()
+        group = group_of(ps)
+        outcomes = await asyncio.gather(
+            modes[0].step(group, data[0]),
+            modes[1].step(group, data[1]),
+            modes[2].step(group, data[2], faults=crash),
+            return_exceptions=True,
+        )
+    assert isinstance(outcomes[2], InjectedCrash)
+    for outcome, _ in outcomes[:2]:
+        assert outcome.result.missing_shards == (2,) and outcome.in_sync
+    plan = outcomes[0][0].result.plan
+    lo, hi = plan.bounds[2]
+    after = flat(models[0])
+    assert torch.equal(after[lo:hi], before[lo:hi]) and not torch.equal(after[:lo], before[:lo])
+    assert torch.equal(after, flat(models[1]))
+    assert modes[0].optimizer.segments == [(*plan.bounds[0], 1)]  # the survivors' owners stepped
+    assert modes[2].optimizer.segments == [(lo, hi, 0)]  # the dead owner's state was never advanced
+
+
+def flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in trainable(model)])
+
+
+def test_models_start_identical() -> None:
+    a, b = TinyLM(), copy.deepcopy(TinyLM())
+    assert all(torch.equal(x, y) for x, y in zip(trainable(a), trainable(b), strict=True))
