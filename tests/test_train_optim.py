@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from legion_swarm.train.optim import ShardedAdamW, ShardedNesterov, StateSlice
+from legion_swarm.train.optim import ShardedAdamW, ShardedNesterov
 
 ADAM = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
 
@@ -29,12 +29,8 @@ def sharded_trajectory(
     fresh_counts = []
     for step, g in enumerate(grads):
         plan = bounds[step]
-        snapshot = [o.export(o.start, o.end) for o in owners]
-
-        def fetch(lo: int, hi: int, snapshot=snapshot) -> StateSlice | None:
-            return next((got for s in snapshot if s is not None and (got := s.sub(lo, hi)) is not None), None)
-
-        fresh_counts.append(sum(owners[r].rebase(lo, hi, fetch) for r, (lo, hi) in enumerate(plan)))
+        handed = [s for o in owners if (s := o.export(o.start, o.end)) is not None]
+        fresh_counts.append(sum(owners[r].rebase(lo, hi, handed) for r, (lo, hi) in enumerate(plan)))
         for r, (lo, hi) in enumerate(plan):
             update, staged = owners[r].compute(params[lo:hi].clone(), g[lo:hi].clone())
             owners[r].commit(staged)

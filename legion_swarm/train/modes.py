@@ -26,7 +26,7 @@ import torch
 from legion_swarm.collectives import Collectives, FaultPlan, RoundResult, group_plan
 from legion_swarm.config import TrainConfig
 from legion_swarm.groups.info import GroupInfo
-from legion_swarm.train.optim import Fetch, ShardedAdamW, ShardedNesterov, ShardState, Staged
+from legion_swarm.train.optim import ShardedAdamW, ShardedNesterov, ShardState, Staged, StateSlice
 
 logger = logging.getLogger(__name__)
 
@@ -89,18 +89,36 @@ class _ShardedMode:
     def peer_id(self) -> str:
         return self.collectives.plane.identity.peer_id
 
-    def prepare(self, group: GroupInfo, fetch: Fetch | None) -> int:
+    def my_range(self, group: GroupInfo) -> tuple[int, int]:
+        """The flat range this peer owns in a round of ``group``."""
+        return group_plan(group, self.numels).bounds[group.rank_of(self.peer_id)]
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """What every member of a group holds bit-identically between rounds, and what donors serve."""
+        raise NotImplementedError
+
+    def load_state(self, flat: torch.Tensor) -> None:
+        """Take a downloaded flat state as this peer's own."""
+        offset = 0
+        with torch.no_grad():
+            for t in self.state_tensors():
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
+            if self.state_tensors()[0] is not self.params[0]:
+                for p, t in zip(self.params, self.state_tensors(), strict=True):
+                    p.copy_(t)
+
+    def prepare(self, group: GroupInfo, handed: Sequence[StateSlice] = ()) -> int:
         """Move the sharded optimizer state to this peer's shard of ``group``'s partition."""
-        lo, hi = group_plan(group, self.numels).bounds[group.rank_of(self.peer_id)]
-        return self.optimizer.rebase(lo, hi, fetch)
+        return self.optimizer.rebase(*self.my_range(group), handed)
 
     async def _sharded_round(
         self, group: GroupInfo, contributions: Sequence[torch.Tensor], start: Sequence[torch.Tensor],
-        weight: float, fetch: Fetch | None, faults: FaultPlan | None,
+        weight: float, handed: Sequence[StateSlice], faults: FaultPlan | None,
     ) -> tuple[RoundResult, int]:  # fmt: skip
         """Average ``contributions``; the owner turns its shard of ``start`` into an update; then
         ``start -= update`` on every member for the committed shards."""
-        fresh = self.prepare(group, fetch)
+        fresh = self.prepare(group, handed)
         plan = group_plan(group, self.numels)
         staged: dict[int, Staged] = {}
 
@@ -127,17 +145,32 @@ class SyncMode(_ShardedMode):
     def __init__(self, model: torch.nn.Module, collectives: Collectives, config: TrainConfig) -> None:
         super().__init__(model, collectives, ShardedAdamW(**config.adamw()))
         self.config = config
+        self.samples = 0
 
-    async def step(
-        self, group: GroupInfo, batch: Batch, *, fetch: Fetch | None = None, faults: FaultPlan | None = None
-    ) -> tuple[RoundOutcome, float]:
-        """Train one step with the group; returns the outcome and this peer's loss on ``batch``."""
+    def state_tensors(self) -> list[torch.Tensor]:
+        return [p.data for p in self.params]
+
+    async def backward(self, batch: Batch) -> float:
+        """Compute this peer's gradients on ``batch`` (before the group is formed); returns the loss."""
         self.model.zero_grad(set_to_none=False)
         loss = await asyncio.to_thread(forward_backward, self.model, batch)
+        self.samples = int(batch[0].shape[0])
+        return loss
+
+    async def sync(
+        self, group: GroupInfo, *, handed: Sequence[StateSlice] = (), faults: FaultPlan | None = None
+    ) -> RoundOutcome:
+        """Average the gradients of :meth:`backward` across ``group`` and step."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        samples = int(batch[0].shape[0])
-        result, fresh = await self._sharded_round(group, grads, [p.data for p in self.params], samples, fetch, faults)
-        return RoundOutcome(result, samples, fresh), loss
+        result, fresh = await self._sharded_round(group, grads, self.state_tensors(), self.samples, handed, faults)
+        return RoundOutcome(result, self.samples, fresh)
+
+    async def step(
+        self, group: GroupInfo, batch: Batch, *, handed: Sequence[StateSlice] = (), faults: FaultPlan | None = None
+    ) -> tuple[RoundOutcome, float]:
+        """:meth:`backward` then :meth:`sync`; returns the outcome and this peer's loss on ``batch``."""
+        loss = await self.backward(batch)
+        return await self.sync(group, handed=handed, faults=faults), loss
 
 
 class DiLoCoMode(_ShardedMode):
@@ -152,11 +185,11 @@ class DiLoCoMode(_ShardedMode):
         self.samples = 0
         self.inner_steps = 0
 
-    def reset_anchor(self) -> None:
-        """Take the current parameters as the group's (after downloading them from the swarm)."""
-        with torch.no_grad():
-            for a, p in zip(self.anchor, self.params, strict=True):
-                a.copy_(p)
+    def state_tensors(self) -> list[torch.Tensor]:
+        return self.anchor
+
+    def load_state(self, flat: torch.Tensor) -> None:
+        super().load_state(flat)
         self.samples = self.inner_steps = 0
 
     async def inner_step(self, batch: Batch) -> float:
@@ -174,13 +207,13 @@ class DiLoCoMode(_ShardedMode):
         return loss
 
     async def outer_step(
-        self, group: GroupInfo, *, fetch: Fetch | None = None, faults: FaultPlan | None = None
+        self, group: GroupInfo, *, handed: Sequence[StateSlice] = (), faults: FaultPlan | None = None
     ) -> RoundOutcome:
         """Average how far each member moved since the anchor; the owners' Nesterov step moves the anchor;
         everyone continues from the new anchor."""
         pseudo = [a - p.detach() for a, p in zip(self.anchor, self.params, strict=True)]
         samples = self.samples
-        result, fresh = await self._sharded_round(group, pseudo, self.anchor, samples, fetch, faults)
+        result, fresh = await self._sharded_round(group, pseudo, self.anchor, samples, handed, faults)
         with torch.no_grad():
             for a, p in zip(self.anchor, self.params, strict=True):
                 p.copy_(a)

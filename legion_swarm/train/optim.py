@@ -14,15 +14,15 @@ Two rules, same machinery:
   momentum as ``torch.optim.SGD(momentum=mu, nesterov=True)`` computes it.
 
 When the partition changes (a member joins or leaves), :meth:`ShardState.rebase` moves the state to the new
-range: the overlap with the old range is kept, the rest is filled from ``fetch`` (state handed over by the
-previous owners) or starts fresh, with AdamW's bias correction restarting for just those elements.
+range: the overlap with the old range is kept, the rest is filled from slices the previous owners hand
+over or starts fresh, with AdamW's bias correction restarting for just those elements.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,9 +31,6 @@ logger = logging.getLogger(__name__)
 
 Segment = tuple[int, int, int]
 """``(start, end, step)``: elements ``[start, end)`` of the flat space have taken ``step`` optimizer steps."""
-
-Fetch = Callable[[int, int], "StateSlice | None"]
-"""``fetch(start, end)``: the previous owners' state for flat elements ``[start, end)``, or None."""
 
 
 @dataclass
@@ -74,29 +71,29 @@ class ShardState:
         """Bytes of optimizer state held (what ZeRO divides by the group size)."""
         return sum(b.numel() * b.element_size() for b in self.buffers.values())
 
-    def rebase(self, start: int, end: int, fetch: Fetch | None = None) -> int:
-        """Hold the state of ``[start, end)`` from now on; return how many elements start fresh."""
+    def rebase(self, start: int, end: int, handed: Sequence[StateSlice] = ()) -> int:
+        """Hold the state of ``[start, end)`` from now on: keep the overlap with the old range, take the rest
+        from ``handed`` (slices the previous owners handed over) where they cover it, and start the remaining
+        elements fresh. Returns how many elements start fresh."""
         if (start, end) == (self.start, self.end):
             return 0
         new = {name: torch.zeros(end - start) for name in self.buffer_names}
         segments: list[Segment] = []
         covered: list[tuple[int, int]] = []
-        lo, hi = max(start, self.start), min(end, self.end)
-        if lo < hi:  # keep what we already hold
-            for name in self.buffer_names:
-                new[name][lo - start : hi - start] = self.buffers[name][lo - self.start : hi - self.start]
-            segments += _clip(self.segments, lo, hi)
-            covered.append((lo, hi))
-        fresh = 0
-        for gap_lo, gap_hi in _gaps(start, end, covered):
-            got = fetch(gap_lo, gap_hi) if fetch is not None else None
-            if got is not None and (got.start, got.end) == (gap_lo, gap_hi):
+        mine = StateSlice(self.start, self.end, self.buffers, self.segments)
+        for source in (mine, *handed):
+            for lo, hi in _gaps(start, end, covered):
+                lo, hi = max(lo, source.start), min(hi, source.end)
+                if lo >= hi or set(source.buffers) != set(self.buffer_names):
+                    continue
                 for name in self.buffer_names:
-                    new[name][gap_lo - start : gap_hi - start] = got.buffers[name]
-                segments += _clip(got.segments, gap_lo, gap_hi)
-            else:
-                segments.append((gap_lo, gap_hi, 0))
-                fresh += gap_hi - gap_lo
+                    new[name][lo - start : hi - start] = source.buffers[name][lo - source.start : hi - source.start]
+                segments += _clip(source.segments, lo, hi)
+                covered.append((lo, hi))
+        fresh = 0
+        for lo, hi in _gaps(start, end, covered):
+            segments.append((lo, hi, 0))
+            fresh += hi - lo
         self.start, self.end, self.buffers = start, end, new
         self.segments = _merge(sorted(segments))
         if fresh:
