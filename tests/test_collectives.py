@@ -79,6 +79,10 @@ async def test_all_reduce_equals_the_naive_average_exactly(n_members: int) -> No
         for got, want in zip(work[r], expected, strict=True):
             assert torch.equal(got, want)
         assert set(result.planes.values()) <= {"direct"}
+        # Lossless: each member sends every other owner its shard and every other member its own result.
+        payload = 4 * ((sum(SIZES) - result.plan.sizes[r]) + (n_members - 1) * result.plan.sizes[r])
+        assert payload <= result.bytes_sent <= payload + 4096 * n_members
+    assert sum(r.bytes_sent for r in results) == sum(r.bytes_received for r in results)
 
 
 @pytest.mark.parametrize("codec", ["fp16", "bf16", "int8", "int4"])

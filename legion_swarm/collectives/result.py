@@ -39,6 +39,9 @@ class RoundResult:
     """Seconds since the round's start at which each phase ended."""
     reduced: bool = True
     """False for an all-gather alone, whose shards have their owner as only contributor."""
+    bytes_sent: int = 0
+    """Message bytes this member sent in the round (encoded tensors and headers, before channel framing)."""
+    bytes_received: int = 0
 
     @property
     def missing_peers(self) -> tuple[str, ...]:

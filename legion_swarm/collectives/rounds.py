@@ -131,6 +131,7 @@ class Round:
         self.edges: frozenset[wire.Edge] = frozenset()
         self.send_garbage = False  # an injected fault: garbage instead of the result
         self.timings: dict[str, float] = {}
+        self.bytes_sent = self.bytes_received = 0  # message payloads, before channel framing / encryption
         self.t0 = 0.0
         self.deadline: dict[str, float] = {}
 
@@ -346,6 +347,7 @@ class Round:
         timeout = min(self.config.stall_timeout_s, self.deadline[phase] - asyncio.get_running_loop().time())
         async with asyncio.timeout(max(0.0, timeout)):
             await channel.send(data)
+        self.bytes_sent += memoryview(data).nbytes
 
     # ---------------------------------------------------------------------------------------- receiving
 
@@ -427,12 +429,16 @@ class Round:
     async def _recv(self, peer: _Peer, max_bytes: int, phase: str, *, boundary: int = 1) -> bytes:
         channel = await self._before_recv(peer)
         async with asyncio.timeout(self._recv_timeout(phase, boundary)):
-            return await channel.recv(max_bytes)
+            raw = await channel.recv(max_bytes)
+        self.bytes_received += len(raw)
+        return raw
 
     async def _recv_into(self, peer: _Peer, buffer: np.ndarray, phase: str) -> int:
         channel = await self._before_recv(peer)
         async with asyncio.timeout(self._recv_timeout(phase)):
-            return await channel.recv_into(memoryview(buffer).cast("B"))
+            got = await channel.recv_into(memoryview(buffer).cast("B"))
+        self.bytes_received += got
+        return got
 
     async def _before_recv(self, peer: _Peer) -> Channel:
         if self.faults is not None:
@@ -550,6 +556,7 @@ class Round:
             faulty=tuple(sorted(self.dropped)), contributors=contributors,
             excluded={p.rank: p.excluded for p in self.peers.values() if p.excluded}, shard=self.my_result,
             planes={r: p.plane for r, p in self.peers.items()}, timings=self.timings, reduced=self.reduce,
+            bytes_sent=self.bytes_sent, bytes_received=self.bytes_received,
         )  # fmt: skip
 
     def _restore_residuals(self, contributors: dict[int, tuple[int, ...]]) -> None:
