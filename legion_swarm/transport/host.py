@@ -28,7 +28,7 @@ from hivemind.proto import p2pd_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
 from legion_swarm.config import HostConfig
-from legion_swarm.errors import AddressInUseError, NetworkError, PeerUnreachableError
+from legion_swarm.errors import AddressInUseError, NetworkError, PeerUnreachableError, ProtocolError
 from legion_swarm.transport.identity import Identity, short_peer_id
 
 logger = logging.getLogger(__name__)
@@ -218,9 +218,26 @@ class Host:
     async def add_stream_handler(self, name: str, handler: Callable[..., Any]) -> None:
         await self.p2p.add_binary_stream_handler(name, handler)
 
-    async def open_stream(self, peer_id: str, name: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), name)
-        return reader, writer
+    async def open_stream(self, peer_id: str, protocol: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A new stream to ``peer_id`` speaking ``protocol``: :class:`PeerUnreachableError` if it cannot be
+        dialled, :class:`ProtocolError` if it does not serve ``protocol``.
+
+        hivemind's ``stream_open``, but closing its daemon connection when it fails or is cancelled (hivemind's
+        leaves it to the garbage collector, and the daemon may still open the stream to the peer)."""
+        request = p2pd_pb2.Request(
+            type=p2pd_pb2.Request.STREAM_OPEN,
+            streamOpen=p2pd_pb2.StreamOpenRequest(peer=PeerID.from_base58(peer_id).to_bytes(), proto=[protocol]),
+        )
+        try:
+            return await self.daemon_request(request)
+        except P2PDaemonError as e:
+            reason = str(e).removeprefix("Connect failed. msg=")
+            failure = f"cannot open {protocol} to {short_peer_id(peer_id)}: {reason}"
+            if "protocols not supported" in reason:  # reached, but it does not serve this protocol
+                raise ProtocolError(failure) from None
+            raise PeerUnreachableError(failure) from None
+        except (asyncio.IncompleteReadError, ConnectionError) as e:
+            raise PeerUnreachableError(f"p2pd connection failed while opening {protocol}: {e!r}") from None
 
     async def aclose(self) -> None:
         """Stop the daemon and wait for it to exit (idempotent)."""

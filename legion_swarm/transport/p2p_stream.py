@@ -66,13 +66,10 @@ import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from hivemind.p2p import P2PDaemonError, PeerID
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
-from hivemind.proto import p2pd_pb2
 
-from legion_swarm.errors import ChannelClosedError, PeerUnreachableError, ProtocolError
+from legion_swarm.errors import ChannelClosedError, ProtocolError
 from legion_swarm.transport.channel import MessageChannel, Receive
-from legion_swarm.transport.identity import short_peer_id
 from legion_swarm.transport.record_layer import BytesLike
 
 if TYPE_CHECKING:
@@ -322,24 +319,5 @@ async def open_stream_channel(host: Host, peer_id: str, protocol: str, timeout: 
     Raises :class:`PeerUnreachableError` if the daemon cannot reach the peer, :class:`ProtocolError` if the peer
     does not serve ``protocol``, ``TimeoutError`` past ``timeout`` (the daemon connection is closed either
     way), ``ValueError`` for a malformed peer id."""
-    reader, writer = await asyncio.wait_for(_open_stream(host, peer_id, protocol), timeout)
+    reader, writer = await asyncio.wait_for(host.open_stream(peer_id, protocol), timeout)
     return StreamChannel(reader, writer, local_peer_id=host.peer_id, remote_peer_id=peer_id)
-
-
-async def _open_stream(host: Host, peer_id: str, protocol: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """hivemind's ``stream_open``, but closing its daemon connection when it fails or is cancelled (hivemind's
-    leaves it to the garbage collector, and the daemon may still open the stream to the peer)."""
-    request = p2pd_pb2.Request(
-        type=p2pd_pb2.Request.STREAM_OPEN,
-        streamOpen=p2pd_pb2.StreamOpenRequest(peer=PeerID.from_base58(peer_id).to_bytes(), proto=[protocol]),
-    )
-    try:
-        return await host.daemon_request(request)
-    except P2PDaemonError as e:
-        reason = str(e).removeprefix("Connect failed. msg=")
-        failure = f"cannot open {protocol} to {short_peer_id(peer_id)}: {reason}"
-        if "protocols not supported" in reason:  # reached, but it does not serve this protocol
-            raise ProtocolError(failure) from None
-        raise PeerUnreachableError(failure) from None
-    except (asyncio.IncompleteReadError, ConnectionError) as e:
-        raise PeerUnreachableError(f"p2pd connection failed while opening {protocol}: {e!r}") from None

@@ -1,0 +1,149 @@
+"""Group formation and state sync between real in-process peers (p2pd daemons, libp2p streams)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+import torch
+
+from legion_swarm.errors import TrainingError
+from legion_swarm.groups.info import GroupMember
+from legion_swarm.groups.matchmaking import Formed, Matchmaker, Resync, Retry
+from legion_swarm.peer import SwarmPeer
+from legion_swarm.train import state_sync
+from legion_swarm.train.optim import ShardedAdamW, StateSlice
+from legion_swarm.train.state_sync import StateMeta, StateSource, download_state, fetch_optimizer_state, serve_state
+from tests.test_peer import config
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@contextlib.asynccontextmanager
+async def peers(n: int) -> AsyncIterator[list[SwarmPeer]]:
+    started: list[SwarmPeer] = []
+    try:
+        started.append(await SwarmPeer.create(config(role="bootstrap")))
+        for _ in range(n - 1):
+            started.append(await SwarmPeer.create(config(started[0].maddrs[0])))
+        yield started
+    finally:
+        await asyncio.gather(*(p.aclose() for p in started), return_exceptions=True)
+
+
+def member(peer: SwarmPeer) -> GroupMember:
+    assert peer.plane is not None
+    return GroupMember(peer_id=peer.peer_id, direct=peer.plane.endpoint, maddrs=tuple(peer.maddrs))
+
+
+async def matchmakers(ps: list[SwarmPeer], window_s: float = 3.0) -> list[Matchmaker]:
+    out = []
+    for p in ps:
+        mm = Matchmaker(p.host, p.swarm, window_s=window_s, timeout_s=5.0)
+        await mm.start()
+        mm.state = (4, b"state-4")
+        out.append(mm)
+    return out
+
+
+async def form_all(mms: list[Matchmaker], ps: list[SwarmPeer]) -> list[object]:
+    ids = {p.peer_id for p in ps}
+    return await asyncio.gather(*(mm.form(member(p), ids - {p.peer_id}) for mm, p in zip(mms, ps, strict=True)))
+
+
+async def test_every_member_gets_the_same_group_from_the_leader() -> None:
+    async with peers(3) as ps:
+        mms = await matchmakers(ps)
+        ids = {p.peer_id for p in ps}
+        decisions = await asyncio.gather(
+            *(mm.form(member(p), ids - {p.peer_id}) for mm, p in zip(mms, ps, strict=True))
+        )
+    assert all(isinstance(d, Formed) for d in decisions)
+    groups = {d.group for d in decisions}  # type: ignore[union-attr]
+    assert len(groups) == 1
+    (group,) = groups
+    assert [m.peer_id for m in group.members] == sorted(ids) and {d.round for d in decisions} == {5}
+
+
+async def test_a_member_with_other_state_is_told_to_resync_from_the_leader() -> None:
+    async with peers(3) as ps:
+        mms = await matchmakers(ps, window_s=1.0)
+        leader = min(range(3), key=lambda i: ps[i].peer_id)
+        stale = (leader + 1) % 3
+        mms[stale].state = (4, b"another lineage")
+        mms[leader].donors = (ps[leader].peer_id, ps[(leader + 2) % 3].peer_id)
+        ids = {p.peer_id for p in ps}
+        decisions = await asyncio.gather(
+            *(mm.form(member(p), ids - {p.peer_id}) for mm, p in zip(mms, ps, strict=True))
+        )
+    resync = decisions[stale]
+    assert isinstance(resync, Resync) and resync.state_id == b"state-4" and resync.round == 4
+    assert resync.donors[0] == ps[leader].peer_id and set(resync.donors) == set(mms[leader].donors)
+    formed = [d for i, d in enumerate(decisions) if i != stale]
+    assert all(isinstance(d, Formed) and d.group.size == 2 for d in formed)
+
+
+async def test_a_member_behind_by_rounds_is_told_to_resync_and_a_dead_leader_means_retry() -> None:
+    async with peers(2) as ps:
+        mms = await matchmakers(ps, window_s=0.5)
+        leader, other = sorted(range(2), key=lambda i: ps[i].peer_id)
+        mms[other].state = (1, b"state-4")  # round 2 was long ago for the leader
+        lead = asyncio.ensure_future(mms[leader].form(member(ps[leader]), {ps[other].peer_id}))
+        behind = await mms[other].form(member(ps[other]), {ps[leader].peer_id})
+        assert isinstance(behind, Resync) and behind.round == 4
+        assert isinstance(await lead, Formed)
+        await ps[leader].aclose()
+        dead = await mms[other].form(member(ps[other]), {ps[leader].peer_id})
+    assert isinstance(dead, Retry) and "did not answer" in dead.reason
+
+
+class Source(StateSource):
+    def __init__(self, flat: torch.Tensor, state_id: bytes = b"s1", lie: bool = False) -> None:
+        self.flat, self.state_id, self.lie = flat, state_id, lie
+        self.optimizer = ShardedAdamW(lr=1e-3)
+        self.optimizer.rebase(0, 100)
+        self.optimizer.buffers["exp_avg"] += 3.0
+
+    def meta(self) -> StateMeta:
+        return StateMeta(7, self.state_id, state_sync.state_sha256(self.flat), self.flat.numel(), ())
+
+    def flat_range(self, start: int, end: int) -> np.ndarray:
+        data = self.flat[start:end].numpy().copy()
+        if self.lie:
+            data[:1] += 1.0
+        return data
+
+    def optim_range(self, start: int, end: int) -> StateSlice | None:
+        return self.optimizer.export(start, end)
+
+
+async def test_state_downloads_from_several_donors_verified_by_hash(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(state_sync, "RANGE_ELEMS", 1000)  # many ranges, spread over both donors
+    flat = torch.randn(10_500, generator=torch.Generator().manual_seed(0))
+    async with peers(3) as ps:
+        for p in ps[:2]:
+            await serve_state(p.host, Source(flat))
+        seen: list[tuple[int, int]] = []
+        got = await download_state(ps[2].host, [p.peer_id for p in ps[:2]], numel=flat.numel(),
+                                   progress=lambda done, total: seen.append((done, total)))  # fmt: skip
+        assert torch.equal(got.flat, flat) and got.meta.round == 7 and len(got.donors) == 2
+        assert seen[-1] == (4 * flat.numel(), 4 * flat.numel()) and len(seen) == 11
+        handed = await fetch_optimizer_state(
+            ps[2].host, ((ps[0].peer_id, 0, 60), (ps[1].peer_id, 60, 100)), b"s1", 40, 90,
+            buffer_names=("exp_avg", "exp_avg_sq"),
+        )  # fmt: skip
+        assert sorted(handed) == [(40, 60), (60, 90)]
+        assert all(torch.all(s.buffers["exp_avg"] == 3.0) for s in handed.values())
+
+
+async def test_a_donor_that_lies_is_caught_by_the_hash() -> None:
+    flat = torch.randn(2000, generator=torch.Generator().manual_seed(1))
+    async with peers(2) as ps:
+        await serve_state(ps[0].host, Source(flat, lie=True))
+        with pytest.raises(TrainingError, match="SHA-256"):
+            await download_state(ps[1].host, [ps[0].peer_id], numel=flat.numel(), attempts=2)
+        with pytest.raises(TrainingError, match="no donor answered"):
+            await download_state(ps[1].host, [ps[0].peer_id], numel=flat.numel() + 1, attempts=1)
