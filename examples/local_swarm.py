@@ -17,7 +17,7 @@ from legion_swarm.cli.render import status_table
 
 
 async def main(n_peers: int) -> int:
-    async with await LocalSwarm.create(n_peers, swarm="example") as swarm:
+    async with await LocalSwarm.create(n_peers, swarm="example", peer_args=("--no-train",)) as swarm:
         entry = swarm.bootstrap.maddr
         print(f"bootstrap at {entry}")
         config = PeerConfig(

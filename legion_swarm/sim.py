@@ -157,10 +157,17 @@ async def stop_process(peer: PeerProcess, *, sig: int = signal.SIGTERM, grace: f
 class LocalSwarm:
     """A bootstrap node plus peers as processes on 127.0.0.1. Build with :meth:`create`, end with :meth:`aclose`."""
 
-    def __init__(self, swarm: str, heartbeat_s: float, extra_args: tuple[str, ...]):
+    def __init__(
+        self, swarm: str, heartbeat_s: float, extra_args: tuple[str, ...], bootstrap_args: tuple[str, ...] = (),
+        peer_args: tuple[str, ...] = (),
+    ):  # fmt: skip
         self.swarm = swarm
         self.heartbeat_s = heartbeat_s
         self.extra_args = extra_args
+        self.bootstrap_args = bootstrap_args
+        """Only for the bootstrap node, e.g. the swarm's training config flags."""
+        self.peer_args = peer_args
+        """Only for joined peers, e.g. ``--rounds 20`` or ``--no-train``."""
         self.bootstrap: PeerProcess | None = None
         self.peers: list[PeerProcess] = []
         self.retired: list[PeerProcess] = []
@@ -174,8 +181,10 @@ class LocalSwarm:
         heartbeat_s: float = 1.0,
         extra_args: tuple[str, ...] = (),
         bootstrap_identity: str | None = None,
+        bootstrap_args: tuple[str, ...] = (),
+        peer_args: tuple[str, ...] = (),
     ) -> LocalSwarm:
-        self = cls(swarm, heartbeat_s, extra_args)
+        self = cls(swarm, heartbeat_s, extra_args, bootstrap_args, peer_args)
         try:
             await self.start_bootstrap(identity=bootstrap_identity)
             await asyncio.gather(*(self.add_peer() for _ in range(n_peers)))
@@ -188,7 +197,7 @@ class LocalSwarm:
         return ["--host", "127.0.0.1", "--port", "0", "--heartbeat", str(self.heartbeat_s), *self.extra_args]
 
     async def start_bootstrap(self, *, identity: str | None = None) -> PeerProcess:
-        argv = ["bootstrap", "--swarm", self.swarm, *self._common()]
+        argv = ["bootstrap", "--swarm", self.swarm, *self._common(), *self.bootstrap_args]
         if identity:
             argv += ["--identity", identity]
         self.bootstrap = await start_process("bootstrap", argv)
@@ -199,7 +208,7 @@ class LocalSwarm:
         if entry is None:
             assert self.bootstrap is not None
             entry = self.bootstrap.maddr
-        argv = ["join", "--peer", entry, "--swarm", self.swarm, *self._common()]
+        argv = ["join", "--peer", entry, "--swarm", self.swarm, *self._common(), *self.peer_args]
         if identity:
             argv += ["--identity", identity]
         peer = await start_process(f"peer{len(self.peers) + len(self.retired)}", argv)

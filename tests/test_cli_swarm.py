@@ -15,6 +15,7 @@ from tests.conftest import eventually, observer, run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 HEARTBEAT = 1.0
+NO_TRAIN = ("--no-train",)  # these tests are about membership; training has its own tests
 
 
 async def member_ids(maddr: str) -> set[str]:
@@ -23,7 +24,7 @@ async def member_ids(maddr: str) -> set[str]:
 
 
 async def test_status_lists_members_and_forgets_a_killed_one() -> None:
-    async with await LocalSwarm.create(3, swarm="cli", heartbeat_s=HEARTBEAT) as swarm:
+    async with await LocalSwarm.create(3, swarm="cli", heartbeat_s=HEARTBEAT, peer_args=NO_TRAIN) as swarm:
         boot = swarm.bootstrap
         joiners = {p.peer_id for p in swarm.peers}
         expected = joiners | {boot.peer_id}
@@ -68,7 +69,7 @@ async def _dead(pid: int) -> bool:
 
 
 async def test_a_joiner_can_be_the_entry_point_of_another() -> None:
-    async with await LocalSwarm.create(1, swarm="chain", heartbeat_s=HEARTBEAT) as swarm:
+    async with await LocalSwarm.create(1, swarm="chain", heartbeat_s=HEARTBEAT, peer_args=NO_TRAIN) as swarm:
         first = swarm.peers[0]
         second = await swarm.add_peer(entry=first.maddr)
         third = await swarm.add_peer(entry=second.maddr)
@@ -82,7 +83,7 @@ async def test_a_joiner_can_be_the_entry_point_of_another() -> None:
 
 async def test_bootstrap_restarted_with_its_identity_keeps_its_peer_id(tmp_path) -> None:
     key = str(tmp_path / "boot.key")
-    async with await LocalSwarm.create(0, swarm="restart", bootstrap_identity=key) as swarm:
+    async with await LocalSwarm.create(0, swarm="restart", bootstrap_identity=key, peer_args=NO_TRAIN) as swarm:
         first = swarm.bootstrap
         assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
         assert await stop_process(first) == 0
@@ -95,7 +96,7 @@ async def test_bootstrap_restarted_with_its_identity_keeps_its_peer_id(tmp_path)
 
 
 async def test_bootstrap_nodes_link_with_peer_into_one_swarm() -> None:
-    async with await LocalSwarm.create(0, swarm="twin", heartbeat_s=HEARTBEAT) as swarm:
+    async with await LocalSwarm.create(0, swarm="twin", heartbeat_s=HEARTBEAT, peer_args=NO_TRAIN) as swarm:
         first = swarm.bootstrap
         second = await start_process(
             "bootstrap2",
@@ -113,7 +114,7 @@ async def test_bootstrap_nodes_link_with_peer_into_one_swarm() -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 async def test_signals_shut_down_cleanly_within_five_seconds(sig: signal.Signals) -> None:
-    async with await LocalSwarm.create(1, swarm="sig", heartbeat_s=HEARTBEAT) as swarm:
+    async with await LocalSwarm.create(1, swarm="sig", heartbeat_s=HEARTBEAT, peer_args=NO_TRAIN) as swarm:
         for proc in (swarm.peers[0], swarm.bootstrap):
             daemons = list(proc.daemon_pids)
             assert daemons and all(pid_alive(d) for d in daemons)
@@ -126,7 +127,7 @@ async def test_signals_shut_down_cleanly_within_five_seconds(sig: signal.Signals
 
 
 async def test_status_table_and_simulate_command() -> None:
-    result = await run_cli("simulate", "--peers", "2", "--swarm", "sim", timeout=120)
+    result = await run_cli("simulate", "--peers", "2", "--swarm", "sim", "--no-train", timeout=120)
     assert result.code == 0, result.stdout + result.stderr
     assert "2/2 peers joined" in result.stdout
     assert "3 peers alive" in result.stdout

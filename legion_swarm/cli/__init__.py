@@ -15,6 +15,7 @@ import sys
 from typing import NoReturn
 
 from legion_swarm import __version__
+from legion_swarm.cli.train import add_spec_flags
 from legion_swarm.config import DEFAULT_BOOTSTRAP_PORT, DEFAULT_SWARM, validate_multiaddr, validate_swarm_name
 from legion_swarm.errors import ConfigError, LegionError
 
@@ -64,6 +65,12 @@ def _seconds(p: argparse.ArgumentParser, flag: str, default: float | None, help:
 
 def _peer_flag(p: argparse.ArgumentParser, help: str, *, required: bool) -> None:
     p.add_argument("--peer", metavar="MADDR", action="append", required=required, type=_dial_maddr, help=help)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"expected a positive integer, got {text!r}")
+    return int(text)
 
 
 def _peers_count(text: str) -> int:
@@ -120,11 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--swarm", type=_swarm_name, default=DEFAULT_SWARM, help="swarm name (default: %(default)s)")
     _peer_flag(p, "another bootstrap node or member to link up with (repeatable; default: new swarm)", required=False)
     listening(p, DEFAULT_BOOTSTRAP_PORT)
+    add_spec_flags(p, creator=True)
 
     p = sub.add_parser("join", parents=[common], help="join a swarm through any of its peers")
     _peer_flag(p, "full multiaddr of a swarm member, /ip4/A/tcp/P/p2p/ID (repeatable)", required=True)
     p.add_argument("--swarm", type=_swarm_name, help="swarm to join (default: the entry peer's swarm)")
     listening(p, 0)
+    add_spec_flags(p, creator=False)
+    p.add_argument("--rounds", type=_checked(_positive_int, "count"), help="stop after training this many rounds")
+    p.add_argument("--no-train", action="store_true", help="be a member (DHT, data plane) without training")
 
     p = sub.add_parser("status", parents=[common], help="show a swarm's members (never joins as a member)")
     _peer_flag(p, "full multiaddr of a swarm member (repeatable)", required=True)
@@ -139,7 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", type=_checked(_peers_count, "count"), default=3, help="peer processes (default: 3)")
     p.add_argument("--swarm", type=_swarm_name, default="local", help="swarm name (default: %(default)s)")
     _seconds(p, "--heartbeat", 1.0, "peers' heartbeat (default: 1)")
-    _seconds(p, "--duration", 0.0, "keep the swarm up this long after it formed (default: 0)", zero_ok=True)
+    _seconds(p, "--duration", 0.0, "keep the swarm up this long after training (default: 0)", zero_ok=True)
+    add_spec_flags(p, creator=True)
+    p.add_argument(
+        "--steps",
+        type=_checked(_positive_int, "count"),
+        default=40,
+        help="rounds each peer trains "
+        "(default: %(default)s; a round is one step in sync mode, --inner-steps steps in diloco)",
+    )
+    p.add_argument("--no-train", action="store_true", help="only form the swarm and show it")
     return parser
 
 

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from rich.console import Console
 from rich.live import Live
+from rich.table import Table
 
 from legion_swarm.cli.render import status_table, view_to_json
 from legion_swarm.config import DHTConfig, HostConfig, MembershipConfig, PeerConfig
@@ -89,14 +90,29 @@ def print_addresses(command: str, peer: SwarmPeer) -> None:
 
 
 async def serve(args: argparse.Namespace, role: str, command: str) -> int:
-    """``bootstrap`` and ``join``: be a member until SIGINT/SIGTERM, then leave cleanly."""
+    """``bootstrap`` and ``join``: be a member until SIGINT/SIGTERM, then leave cleanly. A bootstrap node
+    publishes the swarm's signed training config; a joined peer trains with the swarm unless ``--no-train``
+    (and exits once it has trained ``--rounds`` rounds)."""
+    from legion_swarm.cli import train
+
     stop = install_stop_signals()
     config = peer_config(args, role=role)
+    spec = train.spec_from_args(args) if role == "bootstrap" else None  # bad config: fail before any daemon
     peer = await until_stopped(SwarmPeer.create(config), stop)
     if peer is None:
         return 130
+    background: list[asyncio.Task[None]] = []
     try:
         print_addresses(command, peer)
+        if spec is not None:
+            from legion_swarm.train.swarm_config import SignedSpec
+
+            signed = SignedSpec.sign(spec, peer.host.identity)
+            logger.info("[%s] swarm config %s: %s", peer.tag, signed.digest.hex()[:12], spec.to_dict())
+            background.append(asyncio.create_task(train.publish_forever(peer, signed, max(args.heartbeat, 5.0))))
+        if role == "peer" and not args.no_train:
+            trained = await until_stopped(train.train(peer, args, stdout), stop)
+            return 0 if trained is not None else 130
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=args.report_every)
@@ -108,6 +124,8 @@ async def serve(args: argparse.Namespace, role: str, command: str) -> int:
                 else:
                     logger.info("[%s] swarm %r: %d peers alive", peer.tag, peer.swarm, len(view.members))
     finally:
+        for task in background:
+            task.cancel()
         await peer.aclose()
     return 0
 
@@ -154,24 +172,75 @@ async def wait_for_members(peer: SwarmPeer, count: int, timeout: float, stop: as
     return seen
 
 
+def _spec_argv(args: argparse.Namespace) -> list[str]:
+    """The creator flags of ``simulate`` as the bootstrap node's command line."""
+    argv = ["--config", args.config] if args.config else []
+    for flag in ("mode", "compress", "lr", "inner_steps", "model", "data", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None:
+            argv += [f"--{flag.replace('_', '-')}", str(value)]
+    return argv
+
+
+def _trained(output: list[str]) -> dict | None:
+    """The summary line a ``join`` process prints when it has trained its rounds."""
+    for line in reversed(output):
+        if line.startswith('{"event": "trained"'):
+            return json.loads(line)
+    return None
+
+
+def loss_table(summaries: dict[str, dict | None]) -> Table:
+    table = Table(title="training summary", header_style="bold")
+    for column in ("peer", "rounds", "steps", "first loss", "last loss", "val loss", "tokens/s", "sent", "resyncs"):
+        table.add_column(column, justify="right" if column != "peer" else "left")
+    for name, s in summaries.items():
+        if s is None:
+            table.add_row(name, *["—"] * 8)
+            continue
+        table.add_row(
+            name, str(s["rounds_committed"]), str(s["steps"]), f"{s['first_loss']:.3f}", f"{s['loss']:.3f}",
+            f"{s['val_loss']:.3f}", f"{s['tokens_per_s']:,.0f}", f"{s['bytes_sent'] / 1e6:.1f} MB", str(s["resyncs"]),
+        )  # fmt: skip
+    return table
+
+
 async def simulate(args: argparse.Namespace) -> int:
-    """A bootstrap and N peer processes on this machine: show the swarm, then shut it all down."""
+    """A bootstrap and N peer processes on this machine; unless ``--no-train`` they train ``--steps`` rounds on the
+    swarm's config (the embedded default: TinyGPT-tiny on the built-in corpus); then everything shuts down."""
+    from legion_swarm.cli.train import spec_from_args
     from legion_swarm.sim import LocalSwarm, pid_alive
 
+    spec_from_args(args)  # a bad flag or config file fails here, before any process starts
     stop = install_stop_signals()
     started = time.perf_counter()
+    peer_args = ("--no-train",) if args.no_train else ("--rounds", str(args.steps))
     with stdout.status(f"starting a bootstrap node and {args.peers} peers as separate processes…"):
-        swarm = await until_stopped(LocalSwarm.create(args.peers, swarm=args.swarm, heartbeat_s=args.heartbeat), stop)
+        swarm = await until_stopped(
+            LocalSwarm.create(
+                args.peers, swarm=args.swarm, heartbeat_s=args.heartbeat, bootstrap_args=tuple(_spec_argv(args)),
+                peer_args=peer_args,
+            ),
+            stop,
+        )  # fmt: skip
     if swarm is None:
         return 130
+    trained_ok = True
     try:
         assert swarm.bootstrap is not None
         observer_args = argparse.Namespace(peer=[swarm.bootstrap.maddr], swarm=args.swarm, host="127.0.0.1")
         observer = await SwarmPeer.create(peer_config(observer_args, role="observer"))
         try:
             seen = await wait_for_members(observer, args.peers + 1, timeout=30, stop=stop)
-            stdout.print(status_table(await observer.view()))
-            stdout.print(f"{seen - 1}/{args.peers} peers joined in {time.perf_counter() - started:.1f} s")
+            joined_s = time.perf_counter() - started
+            view = await observer.view()
+            if not args.no_train:
+                view = await _follow_training(swarm, observer, view, stop)
+                summaries = {p.name: _trained(list(p.output)) for p in swarm.peers}
+                stdout.print(loss_table(summaries))
+                trained_ok = all(s is not None and s["loss"] < s["first_loss"] for s in summaries.values())
+            stdout.print(status_table(view))
+            stdout.print(f"{seen - 1}/{args.peers} peers joined in {joined_s:.1f} s")
             if args.duration > 0:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), args.duration)
@@ -186,7 +255,27 @@ async def simulate(args: argparse.Namespace) -> int:
         f"shut down {len(codes)} processes (exit codes {sorted(set(codes))}), "
         f"{len(swarm.daemon_pids())} p2pd daemons reaped, {len(left)} left running"
     )
-    return 0 if seen - 1 >= args.peers and not left and set(codes) == {0} else 1
+    if stop.is_set():
+        return 130
+    return 0 if seen - 1 >= args.peers and not left and set(codes) == {0} and trained_ok else 1
+
+
+async def _follow_training(swarm: object, observer: SwarmPeer, view: object, stop: asyncio.Event) -> object:
+    """Wait for every peer process to finish its rounds, showing progress; returns the last full view."""
+    peers = swarm.peers  # type: ignore[attr-defined]
+    with stdout.status("training…") as status:
+        while any(p.running for p in peers) and not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 2.0)
+            current = await observer.view()
+            rounds = [m.record.round for m in current.members if m.record.round is not None]
+            losses = [m.record.loss for m in current.members if m.record.loss is not None]
+            if len(current.members) == len(view.members):  # type: ignore[attr-defined]
+                view = current
+            if rounds:
+                loss = f", loss {sum(losses) / len(losses):.3f}" if losses else ""
+                status.update(f"training… round {max(rounds)}{loss}")
+    return view
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {

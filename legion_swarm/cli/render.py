@@ -26,6 +26,15 @@ def _hardware(member: Member) -> str:
     return f"{text} · {hw.gpu}" if hw.gpu else text
 
 
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return _DASH
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
 def _addr(member: Member) -> str:
     addrs = [a.split("/p2p/")[0] for a in member.record.addrs]
     if not addrs:
@@ -45,11 +54,13 @@ def summary(view: SwarmView) -> dict[str, Any]:
 
 def status_table(view: SwarmView) -> Table:
     totals = summary(view)
+    rounds = [m.record.round for m in view.members if m.record.round is not None]
+    training = f" · round {max(rounds)}" if rounds else ""
     table = Table(
         title=f"swarm [bold]{view.swarm}[/bold]",
         caption=(
             f"{totals['peers']} peers alive · {totals['cpus']} CPUs · {totals['gpus']} GPUs · "
-            f"{totals['ram_gb']:.0f} GiB RAM · read in {view.read_s * 1000:.0f} ms"
+            f"{totals['ram_gb']:.0f} GiB RAM{training} · read in {view.read_s * 1000:.0f} ms"
         ),
         header_style="bold",
     )
@@ -59,9 +70,13 @@ def status_table(view: SwarmView) -> Table:
     table.add_column("version", no_wrap=True)
     table.add_column("hardware", no_wrap=True)
     table.add_column("seen", justify="right")
+    table.add_column("mode", no_wrap=True)
+    table.add_column("round", justify="right")
     table.add_column("step", justify="right")
     table.add_column("loss", justify="right")
     table.add_column("tok/s", justify="right")
+    table.add_column("sent / recv", justify="right", no_wrap=True)
+    table.add_column("group", no_wrap=True)
     for member in view.members:
         r = member.record
         table.add_row(
@@ -71,9 +86,13 @@ def status_table(view: SwarmView) -> Table:
             r.version,
             _hardware(member),
             _age(member.last_seen_s),
+            r.mode or _DASH,
+            _fmt(r.round, "d"),
             _fmt(r.step, "d"),
             _fmt(r.loss, ".3f"),
             _fmt(r.tokens_per_s, ",.0f"),
+            _DASH if r.bytes_sent is None else f"{_bytes(r.bytes_sent)} / {_bytes(r.bytes_received)}",
+            r.group or _DASH,
         )
     return table
 
@@ -96,6 +115,10 @@ def view_to_json(view: SwarmView) -> dict[str, Any]:
                 "loss": r.loss,
                 "tokens_per_s": r.tokens_per_s,
                 "group": r.group,
+                "mode": r.mode,
+                "round": r.round,
+                "bytes_sent": r.bytes_sent,
+                "bytes_received": r.bytes_received,
                 "data": list(r.data) if r.data is not None else None,
             }
         )

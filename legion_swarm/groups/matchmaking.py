@@ -120,8 +120,6 @@ class Matchmaker:
         """``(round, state_id)`` of the state this peer holds (set by the trainer after every round)."""
         self.donors: tuple[str, ...] = ()
         """Peers known to hold this peer's state: the members of the last round it committed."""
-        self.behind = False
-        """Set when a member asked for a round past ours: this peer's state is old and it should re-sync."""
 
     async def start(self) -> None:
         await self.host.add_stream_handler(ROUND_PROTOCOL, self._handle)
@@ -216,8 +214,7 @@ class Matchmaker:
         round_, _ = self.state
         if request.round <= round_:
             return self._resync_answer()  # the asker's state is older than ours
-        if request.round > round_ + 1:
-            self.behind = True
+        if request.round > round_ + 2:  # one round ahead is normal: the asker finished that round before us
             return {"status": "retry", "reason": f"this leader is at round {round_}, behind round {request.round}"}
         pending = _Pending(request)
         self._pending.setdefault(request.round, []).append(pending)

@@ -1,0 +1,147 @@
+"""Training from the command line: the swarm config flags, the creator's publisher, the joiner's trainer and
+its live display."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from legion_swarm.config import CODECS, MODES
+from legion_swarm.errors import SwarmConfigError
+
+logger = logging.getLogger(__name__)
+
+# flag -> (section, key, type): CLI flags map one to one onto the swarm config's fields.
+SPEC_FLAGS: dict[str, tuple[str, str, type]] = {
+    "mode": ("train", "mode", str),
+    "compress": ("train", "codec", str),
+    "lr": ("train", "lr", float),
+    "inner_steps": ("train", "inner_steps", int),
+    "model": ("model", "preset", str),
+    "data": ("data", "source", str),
+    "batch_size": ("data", "batch_size", int),
+}
+
+
+def add_spec_flags(p: argparse.ArgumentParser, *, creator: bool) -> None:
+    what = "the swarm's" if creator else "must equal the swarm's"
+    if creator:
+        p.add_argument("--config", metavar="TOML", help="swarm config file with [model], [data], [train] tables")
+    p.add_argument("--mode", choices=MODES, help=f"training mode ({what}; default diloco)")
+    p.add_argument("--compress", choices=CODECS, help=f"codec of exchanged tensors ({what}; default by mode)")
+    p.add_argument("--lr", type=float, help=f"AdamW learning rate ({what})")
+    p.add_argument("--inner-steps", type=int, metavar="H", help=f"diloco: local steps per round ({what})")
+    p.add_argument("--model", metavar="PRESET", help=f"tiny | small | medium | hf:TYPE ({what}; default tiny)")
+    p.add_argument("--data", metavar="SOURCE", help=f"builtin | dummy | PATH | HUB_NAME ({what}; default builtin)")
+    p.add_argument("--batch-size", type=int, metavar="N", help=f"sequences per peer per step ({what})")
+
+
+def overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for flag, (section, key, _) in SPEC_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+def spec_from_args(args: argparse.Namespace) -> Any:
+    """The creator's spec: its config file (if any) with the flags on top."""
+    from legion_swarm.train.swarm_config import SwarmSpec
+
+    base = SwarmSpec.load(args.config) if getattr(args, "config", None) else SwarmSpec()
+    merged = base.to_dict()
+    changes = overrides(args)
+    if "preset" in changes.get("model", {}):  # a new preset brings its own sizes
+        merged["model"] = {
+            k: v for k, v in merged["model"].items() if k not in ("n_layer", "n_head", "d_model", "seq_len")
+        }
+    for section, values in changes.items():
+        merged.setdefault(section, {}).update(values)
+    return SwarmSpec.from_dict(merged)
+
+
+async def publish_forever(peer: Any, signed: Any, every_s: float) -> None:
+    """Keep our copy of the signed swarm config in the DHT."""
+    from legion_swarm.train.swarm_config import publish_spec
+
+    while True:
+        try:
+            await publish_spec(peer.dht, peer.swarm, signed, ttl_s=3 * every_s)
+        except Exception as e:  # refreshed next time; the copy outlives two misses
+            logger.warning("[%s] could not store the swarm config: %r", peer.tag, e)
+        await asyncio.sleep(every_s)
+
+
+async def fetch_swarm_spec(peer: Any, timeout: float = 20.0) -> Any:
+    from legion_swarm.train.swarm_config import fetch_spec
+
+    deadline = time.monotonic() + timeout
+    while True:
+        signed = await fetch_spec(peer.dht, peer.swarm)
+        if signed is not None:
+            return signed
+        if time.monotonic() > deadline:
+            raise SwarmConfigError(
+                f"swarm {peer.swarm!r} publishes no training config (start its bootstrap with --config or "
+                "training flags), or it was not readable within {timeout:.0f} s"
+            )
+        await asyncio.sleep(0.5)
+
+
+def progress_table(trainer: Any) -> Table:
+    p = trainer.progress
+    elapsed = max(time.perf_counter() - trainer.started_at, 1e-9)
+    table = Table(title=f"legion-swarm · {trainer.peer.swarm} · {trainer.spec.train.mode}", show_header=True)
+    for column in ("round", "step", "loss", "val loss", "tokens/s", "group", "sent", "recv", "resyncs"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        str(p.round), str(p.step), "—" if p.loss is None else f"{p.loss:.4f}",
+        "—" if p.val_loss is None else f"{p.val_loss:.4f}", "—" if p.tokens_per_s is None else f"{p.tokens_per_s:,.0f}",
+        f"{p.group_size} peers", f"{p.bytes_sent / 1e6:.1f} MB ({p.bytes_sent / elapsed / 1e6:.2f} MB/s)",
+        f"{p.bytes_received / 1e6:.1f} MB", str(p.resyncs),
+    )  # fmt: skip
+    return table
+
+
+def summary_json(trainer: Any, seconds: float) -> str:
+    p = trainer.progress
+    return json.dumps({
+        "event": "trained", "peer_id": trainer.peer.peer_id, "mode": trainer.spec.train.mode,
+        "rounds": p.round, "rounds_committed": p.rounds_committed, "rounds_failed": p.rounds_failed,
+        "steps": p.step, "first_loss": p.history[0][1] if p.history else None, "loss": p.loss,
+        "val_loss": p.val_loss, "tokens_per_s": p.tokens_per_s, "bytes_sent": p.bytes_sent,
+        "bytes_received": p.bytes_received, "resyncs": p.resyncs, "seconds": round(seconds, 2),
+    })  # fmt: skip
+
+
+async def train(peer: Any, args: argparse.Namespace, console: Console) -> Any:
+    """Fetch the swarm's config, check local flags against it, and train until ``--rounds`` or cancelled."""
+    from legion_swarm.train.loop import LoopConfig, SwarmTrainer
+    from legion_swarm.train.swarm_config import check_overrides
+
+    signed = await fetch_swarm_spec(peer)
+    check_overrides(signed.spec, overrides(args))
+    publisher = asyncio.create_task(publish_forever(peer, signed, every_s=max(args.heartbeat, 5.0)))
+    trainer = await SwarmTrainer.create(peer, signed, LoopConfig(rounds=args.rounds))
+    live = console.is_terminal and not args.quiet
+    try:
+        if live:
+            with Live(progress_table(trainer), console=console, refresh_per_second=2) as display:
+                trainer.on_round = lambda t: display.update(progress_table(t))
+                await trainer.run()
+        else:
+            await trainer.run()
+        print(summary_json(trainer, time.perf_counter() - trainer.started_at), flush=True)
+        return trainer.progress
+    finally:
+        publisher.cancel()
+        await trainer.aclose()

@@ -1,0 +1,369 @@
+"""The training loop of one swarm member: local work, a group per round, the sharded step, progress.
+
+Each round, a :class:`SwarmTrainer`:
+
+1. does its local work on batches of its leased data shard: one backward pass (``sync``) or ``inner_steps``
+   AdamW steps (``diloco``);
+2. asks the round's leader for the group (:mod:`legion_swarm.groups.matchmaking`), telling it which state it
+   holds; if its state is not the leader's (new, returning, or declared faulty) it downloads the swarm's
+   state from donors first (:mod:`legion_swarm.train.state_sync`) and the local work is redone;
+3. takes over the optimizer state of its new shard from the previous owners if the partition moved;
+4. runs the sharded step and chains the state id: ``sha256(previous id, group digest, committed shards)``.
+   Survivors of a round hold bit-identical state, so equal ids mean equal parameters;
+5. publishes progress (round, step, loss, tokens/s, bytes sent and received) with its next heartbeat.
+
+A round that commits nothing counts as failed; ``max_failed_rounds`` failures in a row stop training with a
+:class:`TrainingError` rather than spin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgpack
+import numpy as np
+import torch
+
+from legion_swarm.collectives import Collectives, RoundResult
+from legion_swarm.config import CollectiveConfig
+from legion_swarm.dht.records import PeerRecord
+from legion_swarm.errors import TrainingError
+from legion_swarm.groups.info import GroupMember
+from legion_swarm.groups.matchmaking import Formed, Matchmaker, Resync
+from legion_swarm.peer import SwarmPeer
+from legion_swarm.train.data import ShardReader, TokenData, evaluate, load_tokens, val_batches
+from legion_swarm.train.leases import LeaseConfig, ShardLeases
+from legion_swarm.train.model import build_model
+from legion_swarm.train.modes import Batch, DiLoCoMode, SyncMode, trainable
+from legion_swarm.train.optim import StateSlice
+from legion_swarm.train.state_sync import (
+    StateMeta,
+    StateSource,
+    download_state,
+    fetch_optimizer_state,
+    serve_state,
+    state_sha256,
+)
+from legion_swarm.train.swarm_config import SignedSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoopConfig:
+    """How one member runs the loop (local choices; the swarm's shared settings are in :class:`SwarmSpec`)."""
+
+    rounds: int | None = None
+    """Stop after this many committed rounds of this peer (``None``: until cancelled)."""
+    window_s: float = 2.0
+    """How long a leader waits for the members in its view to ask for a round."""
+    request_timeout_s: float = 30.0
+    """How long a member waits for the leader's answer beyond the window."""
+    view_refresh_s: float = 2.0
+    """How often the member list is re-read from the DHT."""
+    eval_every: int = 0
+    """Evaluate the validation loss every this many rounds (0: only at the end)."""
+    eval_batches: int = 8
+    collective: CollectiveConfig | None = None
+    """Deadlines of the collective rounds; the codec always comes from the swarm's config."""
+
+
+@dataclass
+class Progress:
+    """What a member reports, locally and in its heartbeat."""
+
+    round: int = 0
+    step: int = 0
+    loss: float | None = None
+    val_loss: float | None = None
+    tokens_per_s: float | None = None
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    group_size: int = 0
+    rounds_committed: int = 0
+    rounds_failed: int = 0
+    resyncs: int = 0
+    history: list[tuple[int, float]] = field(default_factory=list)
+    """``(step, loss)`` after every round."""
+
+
+class SwarmTrainer(StateSource):
+    """Trains ``spec``'s model with the swarm, as member ``peer``. Build with :meth:`create`."""
+
+    def __init__(self, peer: SwarmPeer, signed: SignedSpec, config: LoopConfig, data: TokenData) -> None:
+        assert peer.plane is not None and peer.dht is not None and peer.membership is not None
+        self.peer, self.signed, self.spec, self.config = peer, signed, signed.spec, config
+        self.tag = f"[{peer.tag}]"
+        self.data = data
+        torch.manual_seed(self.spec.model.seed)
+        self.model = build_model(self.spec.model)
+        self.params = trainable(self.model)
+        self.numel = sum(p.numel() for p in self.params)
+        collective = config.collective or CollectiveConfig()
+        codec = self.spec.train.resolved_codec
+        self.collectives = Collectives(peer.plane, _with_codec(collective, codec))
+        mode_cls = SyncMode if self.spec.train.mode == "sync" else DiLoCoMode
+        self.mode: SyncMode | DiLoCoMode = mode_cls(self.model, self.collectives, self.spec.train)
+        self.matchmaker = Matchmaker(
+            peer.host, peer.swarm, window_s=config.window_s, timeout_s=config.request_timeout_s
+        )
+        self.round = 0
+        self.state_id = _initial_state_id(signed)
+        self.matchmaker.state = (self.round, self.state_id)
+        self.synced = False
+        self.owners: tuple[tuple[str, int, int], ...] = ()
+        self.progress = Progress()
+        self.leases: ShardLeases | None = None
+        self.shard: int | None = None
+        self.reader: ShardReader | None = None
+        self._view: set[str] = set()
+        self._view_at = 0.0
+        self._ahead: list[str] = []
+        self._sha: tuple[bytes, bytes] | None = None  # (state id, sha256 of the flat state) cache
+        self.on_round: Callable[[SwarmTrainer], None] | None = None
+        """Called after every round (e.g. to refresh a display); must not raise."""
+        self.started_at = time.perf_counter()
+
+    @classmethod
+    async def create(cls, peer: SwarmPeer, signed: SignedSpec, config: LoopConfig) -> SwarmTrainer:
+        data = await asyncio.to_thread(load_tokens, signed.spec.data)
+        self = cls(peer, signed, config, data)
+        await self.matchmaker.start()
+        await serve_state(peer.host, self)
+        assert peer.dht is not None
+        # Leases renew with the heartbeat (at most every 2 s), and outlive a renewal that waits out a dead replica.
+        renew = max(peer.config.membership.heartbeat_s, 2.0)
+        ttl = renew + 4 * peer.config.dht.wait_timeout_s + 2.0
+        lease_config = LeaseConfig(num_shards=data.num_shards, renew_s=renew, ttl_s=ttl, settle_s=1.0)
+        self.leases = await ShardLeases.create(peer.dht, peer.swarm, lease_config)
+        peer.membership.update(mode=self.spec.train.mode)  # type: ignore[union-attr]
+        return self
+
+    async def aclose(self) -> None:
+        if self.leases is not None:
+            await self.leases.aclose()
+
+    # ------------------------------------------------------------------------------------ state source
+
+    def meta(self) -> StateMeta:
+        if self._sha is None or self._sha[0] != self.state_id:
+            self._sha = (self.state_id, state_sha256(self._flat()))
+        return StateMeta(self.round, self.state_id, self._sha[1], self.numel, self.owners)
+
+    def _flat(self) -> torch.Tensor:
+        return torch.cat([t.detach().reshape(-1) for t in self.mode.state_tensors()])
+
+    def flat_range(self, start: int, end: int) -> np.ndarray:
+        out = np.empty(end - start, dtype=np.float32)
+        offset = 0
+        for t in self.mode.state_tensors():
+            n = t.numel()
+            lo, hi = max(start, offset), min(end, offset + n)
+            if lo < hi:
+                out[lo - start : hi - start] = t.detach().reshape(-1)[lo - offset : hi - offset].numpy()
+            offset += n
+        return out
+
+    def optim_range(self, start: int, end: int) -> StateSlice | None:
+        return self.mode.optimizer.export(start, end)
+
+    # ------------------------------------------------------------------------------------------- loop
+
+    async def run(self) -> Progress:
+        """Train until ``config.rounds`` rounds committed (or forever); returns the progress."""
+        await self._initial_sync()
+        failed_in_a_row = 0
+        started = self.started_at = time.perf_counter()
+        tokens = 0
+        while self.config.rounds is None or self.progress.rounds_committed < self.config.rounds:
+            loss, n_tokens = await self._local_work()
+            tokens += n_tokens
+            formed = await self._form_group()
+            if formed is None:  # re-synced: the local work was on an old state
+                continue
+            result = await self._step(formed)
+            if result.committed:
+                failed_in_a_row = 0
+            else:
+                failed_in_a_row += 1
+                self._check_failures(failed_in_a_row)
+            elapsed = time.perf_counter() - started
+            self._report(result, loss, tokens / max(elapsed, 1e-9))
+            if self.config.eval_every and self.progress.rounds_committed % self.config.eval_every == 0:
+                self.progress.val_loss = await self.evaluate()
+            if self.on_round is not None:
+                self.on_round(self)
+        self.progress.val_loss = await self.evaluate()
+        return self.progress
+
+    async def _form_group(self) -> Formed | None:
+        """The group of our next round; None if we had to re-sync instead. Retries with backoff while the
+        leader is unreachable or not there yet; raises after ``max_failed_rounds`` attempts in a row."""
+        me = GroupMember(
+            peer_id=self.peer.peer_id, direct=self.peer.plane.endpoint,  # type: ignore[union-attr]
+            maddrs=tuple(self.peer.maddrs),
+        )  # fmt: skip
+        for attempt in range(1, self.spec.train.max_failed_rounds + 1):
+            view = await self.view()
+            if self._ahead:
+                await self._resync(self._ahead)
+                return None
+            decision = await self.matchmaker.form(me, view)
+            if isinstance(decision, Formed):
+                return decision
+            if isinstance(decision, Resync):
+                await self._resync(list(decision.donors))
+                return None
+            logger.info("%s round %d: %s", self.tag, self.round + 1, decision.reason)
+            self.progress.rounds_failed += 1
+            self._view_at = 0.0  # the leader may be gone: look again
+            await asyncio.sleep(min(0.1 * 2**attempt, 5.0))
+        raise TrainingError(f"no group formed for round {self.round + 1} after {attempt} attempts")
+
+    def _check_failures(self, failed_in_a_row: int) -> None:
+        self.progress.rounds_failed += 1
+        if failed_in_a_row >= self.spec.train.max_failed_rounds:
+            raise TrainingError(f"{failed_in_a_row} rounds in a row failed; giving up")
+
+    async def _local_work(self) -> tuple[float, int]:
+        """Local passes over this peer's data; returns the mean loss and the tokens processed."""
+        steps = 1 if isinstance(self.mode, SyncMode) else self.spec.train.inner_steps
+        losses = []
+        for _ in range(steps):
+            batch = await self._next_batch()
+            if isinstance(self.mode, SyncMode):
+                losses.append(await self.mode.backward(batch))
+            else:
+                losses.append(await self.mode.inner_step(batch))
+            self.progress.step += 1
+        seq = self.spec.model.seq_len if hasattr(self.spec.model, "seq_len") else 0
+        return float(np.mean(losses)), steps * self.spec.data.batch_size * seq
+
+    async def _next_batch(self) -> Batch:
+        leases = self.leases
+        assert leases is not None
+        if self.shard is None or not leases.still_holds(self.shard):
+            self.shard = await leases.acquire()
+            if self.shard is None:
+                raise TrainingError("no data shard is free: the swarm has more peers than data shards")
+            self.reader = ShardReader(
+                self.data.shard(self.shard), self.spec.model.seq_len, self.spec.data.batch_size,
+                seed=self.spec.data.seed + self.shard, position=leases.position(self.shard),
+            )  # fmt: skip
+            logger.info("%s reading data shard %d from batch %d", self.tag, self.shard, self.reader.position)
+        assert self.reader is not None
+        batch = next(self.reader)
+        leases.update_position(self.shard, self.reader.position)
+        return batch
+
+    async def view(self) -> set[str]:
+        """Peer ids of the live trainers that are in step (published a round); notes peers ahead of us."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._view_at >= self.config.view_refresh_s:
+            members = (await self.peer.view()).members
+            trainers = [m.record for m in members if isinstance(m.record, PeerRecord) and m.record.mode is not None]
+            self._view = {r.peer_id for r in trainers if r.round is not None and r.peer_id != self.peer.peer_id}
+            self._ahead = [r.peer_id for r in trainers if r.round is not None and r.round > self.round]
+            self._view_at = loop.time()
+        return self._view
+
+    async def _initial_sync(self) -> None:
+        """Catch up with a swarm that is already training; otherwise start from the config's initial state. Our
+        record is published at once (not at the next heartbeat) and we look again after a leader's window, so
+        peers that start together find each other before their first round."""
+        membership = self.peer.membership
+        assert membership is not None
+        for _ in range(2):
+            await self.view()
+            if self._ahead:
+                await self._resync(self._ahead)
+            self._publish_progress()
+            await membership.publish()
+            await asyncio.sleep(self.config.window_s)
+            self._view_at = 0.0
+        self.synced = True
+
+    async def _resync(self, donors: list[str]) -> None:
+        donors = [d for d in donors if d != self.peer.peer_id]
+        if not donors:
+            raise TrainingError("told to re-sync, but no donor was named")
+        got = await download_state(self.peer.host, donors, numel=self.numel)
+        self.mode.load_state(got.flat)
+        self.round, self.state_id, self.owners = got.meta.round, got.meta.state_id, got.meta.owners
+        self.matchmaker.state = (self.round, self.state_id)
+        self.matchmaker.donors = got.donors
+        self._ahead = []
+        self._view_at = 0.0
+        self.progress.resyncs += 1
+        logger.info("%s now at round %d (downloaded from %d donors)", self.tag, self.round, len(got.donors))
+
+    async def _step(self, formed: Formed) -> RoundResult:
+        group = formed.group
+        lo, hi = self.mode.my_range(group)
+        handed: list[StateSlice] = []
+        if (lo, hi) != (self.mode.optimizer.start, self.mode.optimizer.end) and self.owners:
+            found = await fetch_optimizer_state(
+                self.peer.host, self.owners, self.state_id, lo, hi, buffer_names=self.mode.optimizer.buffer_names
+            )
+            handed = list(found.values())
+        if isinstance(self.mode, SyncMode):
+            outcome = await self.mode.sync(group, handed=handed)
+        else:
+            outcome = await self.mode.outer_step(group, handed=handed)
+        result = outcome.result
+        self.round = formed.round
+        self.state_id = hashlib.sha256(msgpack.packb([self.state_id, group.digest, list(result.committed)])).digest()[
+            :16
+        ]
+        plan = result.plan
+        self.owners = tuple((group.members[s].peer_id, *plan.bounds[s]) for s in result.committed if plan.sizes[s] > 0)
+        self.matchmaker.state = (self.round, self.state_id)  # at once: a faster member may already ask us
+        self.matchmaker.donors = tuple(m.peer_id for i, m in enumerate(group.members) if i not in result.faulty)
+        if not outcome.in_sync:
+            logger.warning("%s declared faulty in round %d: re-syncing", self.tag, self.round)
+            self._ahead = [d for d in self.matchmaker.donors if d != self.peer.peer_id]
+        self.progress.bytes_sent += result.bytes_sent
+        self.progress.bytes_received += result.bytes_received
+        self.progress.group_size = group.size
+        return result
+
+    def _report(self, result: RoundResult, loss: float, tokens_per_s: float) -> None:
+        p = self.progress
+        p.round, p.loss, p.tokens_per_s = self.round, loss, tokens_per_s
+        if result.committed:
+            p.rounds_committed += 1
+        p.history.append((p.step, loss))
+        logger.info(
+            "%s round %d: loss %.4f, group %d, committed %d/%d shards, %.0f tokens/s", self.tag, self.round, loss,
+            result.group.size, len(result.committed), result.group.size, tokens_per_s,
+        )  # fmt: skip
+        self._publish_progress()
+
+    def _publish_progress(self) -> None:
+        p = self.progress
+        self.peer.membership.update(  # type: ignore[union-attr]
+            round=self.round, step=p.step, loss=p.loss, tokens_per_s=p.tokens_per_s, bytes_sent=p.bytes_sent,
+            bytes_received=p.bytes_received, mode=self.spec.train.mode, group=f"{p.group_size} peers",
+        )  # fmt: skip
+
+    async def evaluate(self) -> float:
+        """Mean loss of the current (group) state on the held-out validation split."""
+        batches = val_batches(
+            self.data.val, self.spec.model.seq_len, self.spec.data.batch_size, self.config.eval_batches
+        )
+        return await asyncio.to_thread(evaluate, self.model, batches)
+
+
+def _initial_state_id(signed: SignedSpec) -> bytes:
+    """Every member starts from the parameters the config's seed gives: one state id for all of them."""
+    return hashlib.sha256(b"init" + signed.digest).digest()[:16]
+
+
+def _with_codec(config: CollectiveConfig, codec: str) -> CollectiveConfig:
+    return dataclasses.replace(config, codec=codec, gather_codec=None)

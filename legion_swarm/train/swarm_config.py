@@ -1,0 +1,172 @@
+"""The swarm's config: model, data and optimiser settings every member must share, signed by its creator.
+
+The creator (``legion-swarm bootstrap --config swarm.toml``) signs the canonical msgpack of the config with
+its identity key and stores it in the DHT under ``legion/<swarm>/config``. Every training member stores a
+copy of the same signed bytes under its own subkey, so the config outlives the creator. A joiner learns the
+config hash from its entry peer's hello, reads the copies, keeps one whose creator signature verifies and
+whose hash matches, and refuses to train with a conflicting local setting (:class:`SwarmConfigError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from legion_swarm.config import TrainConfig
+from legion_swarm.dht.node import SwarmDHT, dht_time
+from legion_swarm.dht.records import ConfigRecord, config_key
+from legion_swarm.errors import ConfigError, SwarmConfigError
+from legion_swarm.train.config import DataConfig, ModelConfig
+from legion_swarm.transport.identity import Identity, peer_id_of, verify
+
+logger = logging.getLogger(__name__)
+
+SPEC_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class SwarmSpec:
+    """Everything that must be equal on every training member of a swarm."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        train = dataclasses.asdict(self.train)
+        train["betas"] = list(train["betas"])
+        return {"version": SPEC_VERSION, "model": self.model.to_dict(), "data": self.data.to_dict(), "train": train}
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> SwarmSpec:
+        if not isinstance(obj, dict) or obj.get("version", SPEC_VERSION) != SPEC_VERSION:
+            raise SwarmConfigError(f"not a swarm config of version {SPEC_VERSION}")
+        unknown = set(obj) - {"version", "model", "data", "train"}
+        if unknown:
+            raise SwarmConfigError(f"unknown swarm config sections: {', '.join(sorted(unknown))}")
+        train = dict(obj.get("train", {}))
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        if set(train) - names:
+            raise SwarmConfigError(f"unknown [train] keys: {', '.join(sorted(set(train) - names))}")
+        if "betas" in train:
+            train["betas"] = tuple(train["betas"])
+        try:
+            return cls(
+                model=ModelConfig.from_dict(obj.get("model", {})), data=DataConfig.from_dict(obj.get("data", {})),
+                train=TrainConfig(**train),
+            )  # fmt: skip
+        except (TypeError, ConfigError) as e:
+            raise SwarmConfigError(f"bad swarm config: {e}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> SwarmSpec:
+        """Read a TOML file with optional ``[model]``, ``[data]`` and ``[train]`` tables."""
+        try:
+            with open(path, "rb") as f:
+                return cls.from_dict(tomllib.load(f))
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise SwarmConfigError(f"cannot read swarm config {path}: {e}") from None
+
+    def canonical(self) -> bytes:
+        """Deterministic bytes of the config (map keys sorted at every level): what is hashed and signed."""
+        return msgpack.packb(_sorted(self.to_dict()))
+
+    def digest(self) -> bytes:
+        return hashlib.sha256(self.canonical()).digest()
+
+
+def _sorted(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _sorted(obj[k]) for k in sorted(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_sorted(v) for v in obj]
+    return obj
+
+
+@dataclass(frozen=True)
+class SignedSpec:
+    """A spec with its creator's signature over :meth:`SwarmSpec.canonical`."""
+
+    spec: SwarmSpec
+    creator: str
+    creator_key: bytes
+    signature: bytes
+
+    @classmethod
+    def sign(cls, spec: SwarmSpec, identity: Identity) -> SignedSpec:
+        return cls(spec, identity.peer_id, identity.public_key, identity.sign(spec.canonical()))
+
+    @property
+    def digest(self) -> bytes:
+        return self.spec.digest()
+
+    def record(self, swarm: str, writer: str) -> ConfigRecord:
+        return ConfigRecord(
+            swarm=swarm, peer_id=writer, sent_at=dht_time(), creator=self.creator, creator_key=self.creator_key,
+            config=self.spec.canonical(), signature=self.signature,
+        )  # fmt: skip
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> SignedSpec:
+        """Check the creator's signature and parse; :class:`SwarmConfigError` if anything is off."""
+        if peer_id_of(record.creator_key) != record.creator:
+            raise SwarmConfigError("config record: the creator key does not match the creator id")
+        if not verify(record.creator_key, record.config, record.signature):
+            raise SwarmConfigError("config record: bad creator signature")
+        try:
+            spec = SwarmSpec.from_dict(msgpack.unpackb(record.config))
+        except (ValueError, msgpack.UnpackException) as e:
+            raise SwarmConfigError(f"config record: undecodable config: {e}") from None
+        if spec.canonical() != record.config:
+            raise SwarmConfigError("config record: the config is not in canonical form")
+        return cls(spec, record.creator, record.creator_key, record.signature)
+
+
+async def publish_spec(dht: SwarmDHT, swarm: str, signed: SignedSpec, ttl_s: float) -> bool:
+    """Store (or refresh) our copy of the signed config."""
+    record = signed.record(swarm, dht.host.peer_id)
+    return await dht.store_own(config_key(swarm), record.to_wire(), dht_time() + ttl_s)
+
+
+async def fetch_spec(dht: SwarmDHT, swarm: str, digest: bytes | None = None) -> SignedSpec | None:
+    """The swarm's signed config from any member's copy: the one with ``digest`` if given, else the copy most
+    members serve. ``None`` if there is none (yet)."""
+    found = await dht.read_all(config_key(swarm), ConfigRecord)
+    valid: list[SignedSpec] = []
+    for owner, f in found.items():
+        assert isinstance(f.record, ConfigRecord)
+        try:
+            valid.append(SignedSpec.from_record(f.record))
+        except SwarmConfigError as e:
+            logger.warning("ignoring the config copy of %s: %s", owner[:16], e)
+    if digest is not None:
+        valid = [s for s in valid if s.digest == digest]
+    if not valid:
+        return None
+    counts: dict[bytes, int] = {}
+    for s in valid:
+        counts[s.digest] = counts.get(s.digest, 0) + 1
+    best = max(counts, key=lambda d: (counts[d], d))
+    return next(s for s in valid if s.digest == best)
+
+
+def check_overrides(spec: SwarmSpec, overrides: dict[str, dict[str, Any]]) -> None:
+    """Refuse local settings that differ from the swarm's: ``{"train": {"mode": "sync"}, ...}``."""
+    current = spec.to_dict()
+    for section, values in overrides.items():
+        for key, value in values.items():
+            have = current.get(section, {}).get(key)
+            if isinstance(have, list):
+                value = list(value)
+            if have != value:
+                raise SwarmConfigError(
+                    f"--{key.replace('_', '-')} {value} conflicts with the swarm's config ({section}.{key} = {have}); "
+                    "drop the option to use the swarm's value"
+                )
