@@ -53,6 +53,18 @@ def overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return out
 
 
+def pin_data(spec: Any) -> Any:
+    """The creator pins the fingerprint of the built-in corpus (it depends on the Python version), so a peer
+    whose corpus differs refuses to train instead of training on other data."""
+    import dataclasses
+
+    from legion_swarm.train.corpus import corpus_fingerprint
+
+    if spec.data.source != "builtin" or spec.data.tokenizer != "bytes" or spec.data.fingerprint is not None:
+        return spec
+    return dataclasses.replace(spec, data=dataclasses.replace(spec.data, fingerprint=corpus_fingerprint()))
+
+
 def spec_from_args(args: argparse.Namespace) -> Any:
     """The creator's spec: its config file (if any) with the flags on top."""
     from legion_swarm.train.swarm_config import SwarmSpec

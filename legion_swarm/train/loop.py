@@ -101,7 +101,7 @@ class SwarmTrainer(StateSource):
         self.peer, self.signed, self.spec, self.config = peer, signed, signed.spec, config
         self.tag = f"[{peer.tag}]"
         self.data = data
-        torch.manual_seed(self.spec.model.seed)
+        data.check_vocab(self.spec.model.vocab_size)
         self.model = build_model(self.spec.model)
         self.params = trainable(self.model)
         self.numel = sum(p.numel() for p in self.params)
@@ -242,8 +242,8 @@ class SwarmTrainer(StateSource):
             else:
                 losses.append(await self.mode.inner_step(batch))
             self.progress.step += 1
-        seq = self.spec.model.seq_len if hasattr(self.spec.model, "seq_len") else 0
-        return float(np.mean(losses)), steps * self.spec.data.batch_size * seq
+        assert self.spec.model.seq_len is not None
+        return float(np.mean(losses)), steps * self.spec.data.batch_size * self.spec.model.seq_len
 
     async def _next_batch(self) -> Batch:
         leases = self.leases
@@ -252,8 +252,9 @@ class SwarmTrainer(StateSource):
             self.shard = await leases.acquire()
             if self.shard is None:
                 raise TrainingError("no data shard is free: the swarm has more peers than data shards")
+            tokens = await asyncio.to_thread(self.data.shard, self.shard)  # a Hub source streams it in
             self.reader = ShardReader(
-                self.data.shard(self.shard), self.spec.model.seq_len, self.spec.data.batch_size,
+                tokens, self.spec.model.seq_len, self.spec.data.batch_size,
                 seed=self.spec.data.seed + self.shard, position=leases.position(self.shard),
             )  # fmt: skip
             logger.info("%s reading data shard %d from batch %d", self.tag, self.shard, self.reader.position)
