@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
@@ -78,6 +79,13 @@ class PeerProcess:
     @property
     def running(self) -> bool:
         return self.proc.returncode is None
+
+    def trained(self) -> dict | None:
+        """The summary a ``join`` process prints once it has trained its ``--rounds`` (None before that)."""
+        for line in reversed(self.output):
+            if line.startswith('{"event": "trained"'):
+                return json.loads(line)
+        return None
 
     def tail(self, lines: int = 30) -> str:
         return "\n".join(list(self.output)[-lines:])

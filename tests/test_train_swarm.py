@@ -4,7 +4,6 @@ after a kill -9. Every process is reaped (and the autouse fixture checks that no
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 
 import pytest
@@ -18,13 +17,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 # Small and fast on 2 cores: TinyGPT-tiny on the synthetic language, short rounds.
 FAST = ("--model", "tiny", "--data", "dummy", "--batch-size", "4", "--lr", "0.003")
-
-
-def trained(peer: PeerProcess) -> dict | None:
-    for line in reversed(list(peer.output)):
-        if line.startswith('{"event": "trained"'):
-            return json.loads(line)
-    return None
 
 
 async def test_simulate_trains_and_the_loss_falls() -> None:

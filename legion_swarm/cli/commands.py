@@ -182,14 +182,6 @@ def _spec_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def _trained(output: list[str]) -> dict | None:
-    """The summary line a ``join`` process prints when it has trained its rounds."""
-    for line in reversed(output):
-        if line.startswith('{"event": "trained"'):
-            return json.loads(line)
-    return None
-
-
 def loss_table(summaries: dict[str, dict | None]) -> Table:
     table = Table(title="training summary", header_style="bold")
     for column in ("peer", "rounds", "steps", "first loss", "last loss", "val loss", "tokens/s", "sent", "resyncs"):
@@ -236,7 +228,7 @@ async def simulate(args: argparse.Namespace) -> int:
             view = await observer.view()
             if not args.no_train:
                 view = await _follow_training(swarm, observer, view, stop)
-                summaries = {p.name: _trained(list(p.output)) for p in swarm.peers}
+                summaries = {p.name: p.trained() for p in swarm.peers}
                 stdout.print(loss_table(summaries))
                 trained_ok = all(s is not None and s["loss"] < s["first_loss"] for s in summaries.values())
             stdout.print(status_table(view))

@@ -132,6 +132,7 @@ def summary_json(trainer: Any, seconds: float) -> str:
         "steps": p.step, "first_loss": p.history[0][1] if p.history else None, "loss": p.loss,
         "val_loss": p.val_loss, "tokens_per_s": p.tokens_per_s, "bytes_sent": p.bytes_sent,
         "bytes_received": p.bytes_received, "resyncs": p.resyncs, "seconds": round(seconds, 2),
+        "numel": trainer.numel, "history": [[step, round(loss, 5)] for step, loss in p.history],
     })  # fmt: skip
 
 
