@@ -211,12 +211,23 @@ class LocalSwarm:
         self.bootstrap = await start_process("bootstrap", argv)
         return self.bootstrap
 
-    async def add_peer(self, *, entry: str | None = None, identity: str | None = None) -> PeerProcess:
-        """Start one more ``join`` process through ``entry`` (default: the bootstrap's address)."""
+    async def add_peer(
+        self, *, entry: str | None = None, identity: str | None = None, args: tuple[str, ...] | None = None
+    ) -> PeerProcess:
+        """Start one more ``join`` process through ``entry`` (default: the bootstrap's address), with ``args``
+        instead of the swarm's ``peer_args`` if given."""
         if entry is None:
             assert self.bootstrap is not None
             entry = self.bootstrap.maddr
-        argv = ["join", "--peer", entry, "--swarm", self.swarm, *self._common(), *self.peer_args]
+        argv = [
+            "join",
+            "--peer",
+            entry,
+            "--swarm",
+            self.swarm,
+            *self._common(),
+            *(self.peer_args if args is None else args),
+        ]
         if identity:
             argv += ["--identity", identity]
         peer = await start_process(f"peer{len(self.peers) + len(self.retired)}", argv)

@@ -16,7 +16,7 @@ from legion_swarm.groups.matchmaking import Formed, Matchmaker, Resync, Retry
 from legion_swarm.peer import SwarmPeer
 from legion_swarm.train import state_sync
 from legion_swarm.train.optim import ShardedAdamW, StateSlice
-from legion_swarm.train.state_sync import StateMeta, StateSource, download_state, fetch_optimizer_state, serve_state
+from legion_swarm.train.state_sync import StateServer, StateSource, download_state, fetch_optimizer_state
 from tests.test_peer import config
 
 pytestmark = pytest.mark.timeout(90)
@@ -101,20 +101,17 @@ async def test_a_member_behind_by_rounds_is_told_to_resync_and_a_dead_leader_mea
 
 
 class Source(StateSource):
-    def __init__(self, flat: torch.Tensor, state_id: bytes = b"s1", lie: bool = False) -> None:
-        self.flat, self.state_id, self.lie = flat, state_id, lie
+    def __init__(self, flat: torch.Tensor, state_id: bytes = b"s1") -> None:
+        self.flat, self.state_id = flat, state_id
         self.optimizer = ShardedAdamW(lr=1e-3)
         self.optimizer.rebase(0, 100)
         self.optimizer.buffers["exp_avg"] += 3.0
 
-    def meta(self) -> StateMeta:
-        return StateMeta(7, self.state_id, state_sync.state_sha256(self.flat), self.flat.numel(), ())
+    def describe(self) -> tuple[int, bytes, tuple[tuple[str, int, int], ...]]:
+        return 7, self.state_id, ()
 
-    def flat_range(self, start: int, end: int) -> np.ndarray:
-        data = self.flat[start:end].numpy().copy()
-        if self.lie:
-            data[:1] += 1.0
-        return data
+    def flat_copy(self) -> np.ndarray:
+        return self.flat.numpy().copy()
 
     def optim_range(self, start: int, end: int) -> StateSlice | None:
         return self.optimizer.export(start, end)
@@ -125,7 +122,7 @@ async def test_state_downloads_from_several_donors_verified_by_hash(monkeypatch:
     flat = torch.randn(10_500, generator=torch.Generator().manual_seed(0))
     async with peers(3) as ps:
         for p in ps[:2]:
-            await serve_state(p.host, Source(flat))
+            await StateServer(p.host, Source(flat)).start()
         seen: list[tuple[int, int]] = []
         got = await download_state(ps[2].host, [p.peer_id for p in ps[:2]], numel=flat.numel(),
                                    progress=lambda done, total: seen.append((done, total)))  # fmt: skip
@@ -139,10 +136,23 @@ async def test_state_downloads_from_several_donors_verified_by_hash(monkeypatch:
         assert all(torch.all(s.buffers["exp_avg"] == 3.0) for s in handed.values())
 
 
-async def test_a_donor_that_lies_is_caught_by_the_hash() -> None:
+async def test_a_donor_that_lies_is_caught_by_the_hash_and_a_moved_on_donor_serves_its_snapshot() -> None:
     flat = torch.randn(2000, generator=torch.Generator().manual_seed(1))
     async with peers(2) as ps:
-        await serve_state(ps[0].host, Source(flat, lie=True))
+        source = Source(flat)
+        server = StateServer(ps[0].host, source)
+        await server.start()
+        got = await download_state(ps[1].host, [ps[0].peer_id], numel=flat.numel())
+        assert torch.equal(got.flat, flat)
+        # The donor trains on: ranges are served from the snapshot of the state id the downloader asked for.
+        old = server.snapshot()
+        source.flat, source.state_id = flat + 1, b"s2"
+        assert server.snapshot().meta.state_id == b"s2"
+        assert server._snapshots[b"s1"] is old  # kept until two newer states were snapshotted
+        got = await download_state(ps[1].host, [ps[0].peer_id], numel=flat.numel())
+        assert torch.equal(got.flat, flat + 1)
+        # A lie: the snapshot's bytes no longer match the SHA-256 it announced.
+        server.snapshot().flat[:1] += 1.0
         with pytest.raises(TrainingError, match="SHA-256"):
             await download_state(ps[1].host, [ps[0].peer_id], numel=flat.numel(), attempts=2)
         with pytest.raises(TrainingError, match="no donor answered"):

@@ -136,12 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_spec_flags(p, creator=False)
     p.add_argument("--rounds", type=_checked(_positive_int, "count"), help="stop after training this many rounds")
     p.add_argument("--no-train", action="store_true", help="be a member (DHT, data plane) without training")
+    p.add_argument("--resume", metavar="CKPT", help="start from a checkpoint (checkpoint export) of this swarm")
 
     p = sub.add_parser("status", parents=[common], help="show a swarm's members (never joins as a member)")
     _peer_flag(p, "full multiaddr of a swarm member (repeatable)", required=True)
     p.add_argument("--swarm", type=_swarm_name, help="swarm to show (default: the entry peer's swarm)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     _seconds(p, "--watch", None, "refresh every SECONDS until Ctrl+C")
+
+    p = sub.add_parser("checkpoint", parents=[common], help="export the swarm's current model to a file")
+    p.add_argument("action", choices=["export"], help="export: assemble the model from the swarm's members")
+    p.add_argument("out", metavar="OUT.safetensors", help="file to write (atomically)")
+    _peer_flag(p, "full multiaddr of a swarm member (repeatable)", required=True)
+    p.add_argument("--swarm", type=_swarm_name, help="swarm (default: the entry peer's swarm)")
 
     p = sub.add_parser("identity", parents=[common], help="print the peer id of a key file (created if missing)")
     p.add_argument("path", metavar="PATH", help="identity key file; created with mode 0600 if it does not exist")

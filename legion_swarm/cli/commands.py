@@ -270,9 +270,27 @@ async def _follow_training(swarm: object, observer: SwarmPeer, view: object, sto
     return view
 
 
+async def checkpoint(args: argparse.Namespace) -> int:
+    from legion_swarm.cli.train import export
+
+    stop = install_stop_signals()
+    peer = await until_stopped(SwarmPeer.create(peer_config(args, role="observer")), stop)
+    if peer is None:
+        return 130
+    try:
+        done = await until_stopped(export(peer, args.out, stdout), stop)
+    finally:
+        await peer.aclose()
+    if done is None:
+        return 130
+    stdout.print_json(json.dumps(done))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
     "bootstrap": lambda args: serve(args, "bootstrap", "bootstrap"),
     "join": lambda args: serve(args, "peer", "join"),
     "status": status,
     "simulate": simulate,
+    "checkpoint": checkpoint,
 }

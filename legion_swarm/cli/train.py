@@ -34,7 +34,10 @@ SPEC_FLAGS: dict[str, tuple[str, str, type]] = {
 def add_spec_flags(p: argparse.ArgumentParser, *, creator: bool) -> None:
     what = "the swarm's" if creator else "must equal the swarm's"
     if creator:
-        p.add_argument("--config", metavar="TOML", help="swarm config file with [model], [data], [train] tables")
+        p.add_argument(
+            "--config", metavar="FILE",
+            help="swarm config: a TOML file with [model], [data], [train] tables, or a checkpoint (.safetensors)",
+        )  # fmt: skip
     p.add_argument("--mode", choices=MODES, help=f"training mode ({what}; default diloco)")
     p.add_argument("--compress", choices=CODECS, help=f"codec of exchanged tensors ({what}; default by mode)")
     p.add_argument("--lr", type=float, help=f"AdamW learning rate ({what})")
@@ -69,7 +72,13 @@ def spec_from_args(args: argparse.Namespace) -> Any:
     """The creator's spec: its config file (if any) with the flags on top."""
     from legion_swarm.train.swarm_config import SwarmSpec
 
-    base = SwarmSpec.load(args.config) if getattr(args, "config", None) else SwarmSpec()
+    path = getattr(args, "config", None)
+    if path is not None and str(path).endswith(".safetensors"):  # start a swarm from a checkpoint's config
+        from legion_swarm.train.checkpoint import load_checkpoint
+
+        base = load_checkpoint(path).spec
+    else:
+        base = SwarmSpec.load(path) if path else SwarmSpec()
     merged = base.to_dict()
     changes = overrides(args)
     if "preset" in changes.get("model", {}):  # a new preset brings its own sizes
@@ -145,6 +154,10 @@ async def train(peer: Any, args: argparse.Namespace, console: Console) -> Any:
     check_overrides(signed.spec, overrides(args))
     publisher = asyncio.create_task(publish_forever(peer, signed, every_s=max(args.heartbeat, 5.0)))
     trainer = await SwarmTrainer.create(peer, signed, LoopConfig(rounds=args.rounds))
+    if args.resume:
+        from legion_swarm.train.checkpoint import load_checkpoint
+
+        trainer.resume(await asyncio.to_thread(load_checkpoint, args.resume))
     live = console.is_terminal and not args.quiet
     try:
         if live:
@@ -158,3 +171,20 @@ async def train(peer: Any, args: argparse.Namespace, console: Console) -> Any:
     finally:
         publisher.cancel()
         await trainer.aclose()
+
+
+async def export(peer: Any, out: str, console: Console) -> dict[str, Any]:
+    """``checkpoint export``: assemble the swarm's current model through ``peer`` (an observer) into ``out``."""
+    from legion_swarm.train.checkpoint import export_checkpoint, save_checkpoint, trainers_of
+
+    signed = await fetch_swarm_spec(peer)
+    trainers = await trainers_of(peer)
+    if not trainers:
+        raise SwarmConfigError(f"swarm {peer.swarm!r} has no training member to export from")
+    with console.status(f"downloading the model from {len(trainers)} members…"):
+        ckpt = await export_checkpoint(peer.host, trainers, signed.spec)
+    await asyncio.to_thread(save_checkpoint, out, ckpt, peer.swarm)
+    return {
+        "path": out, "round": ckpt.round, "parameters": ckpt.flat.numel(), "optimizer": ckpt.optimizer is not None,
+        "config": signed.digest.hex(),
+    }  # fmt: skip

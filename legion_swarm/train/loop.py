@@ -33,23 +33,17 @@ import torch
 from legion_swarm.collectives import Collectives, RoundResult
 from legion_swarm.config import CollectiveConfig
 from legion_swarm.dht.records import PeerRecord
-from legion_swarm.errors import TrainingError
+from legion_swarm.errors import SwarmConfigError, TrainingError
 from legion_swarm.groups.info import GroupMember
 from legion_swarm.groups.matchmaking import Formed, Matchmaker, Resync
 from legion_swarm.peer import SwarmPeer
+from legion_swarm.train.checkpoint import Checkpoint
 from legion_swarm.train.data import ShardReader, TokenData, evaluate, load_tokens, val_batches
 from legion_swarm.train.leases import LeaseConfig, ShardLeases
 from legion_swarm.train.model import build_model
 from legion_swarm.train.modes import Batch, DiLoCoMode, SyncMode, trainable
 from legion_swarm.train.optim import StateSlice
-from legion_swarm.train.state_sync import (
-    StateMeta,
-    StateSource,
-    download_state,
-    fetch_optimizer_state,
-    serve_state,
-    state_sha256,
-)
+from legion_swarm.train.state_sync import StateServer, StateSource, download_state, fetch_optimizer_state
 from legion_swarm.train.swarm_config import SignedSpec
 
 logger = logging.getLogger(__name__)
@@ -125,7 +119,6 @@ class SwarmTrainer(StateSource):
         self._view: set[str] = set()
         self._view_at = 0.0
         self._ahead: list[str] = []
-        self._sha: tuple[bytes, bytes] | None = None  # (state id, sha256 of the flat state) cache
         self.on_round: Callable[[SwarmTrainer], None] | None = None
         """Called after every round (e.g. to refresh a display); must not raise."""
         self.started_at = time.perf_counter()
@@ -135,7 +128,8 @@ class SwarmTrainer(StateSource):
         data = await asyncio.to_thread(load_tokens, signed.spec.data)
         self = cls(peer, signed, config, data)
         await self.matchmaker.start()
-        await serve_state(peer.host, self)
+        self.server = StateServer(peer.host, self)
+        await self.server.start()
         assert peer.dht is not None
         # Leases renew with the heartbeat (at most every 2 s), and outlive a renewal that waits out a dead replica.
         renew = max(peer.config.membership.heartbeat_s, 2.0)
@@ -149,26 +143,25 @@ class SwarmTrainer(StateSource):
         if self.leases is not None:
             await self.leases.aclose()
 
+    def resume(self, ckpt: Checkpoint) -> None:
+        """Start from a checkpoint: its parameters, round and state id (and optimizer state, if it has it)."""
+        if ckpt.spec.digest() != self.spec.digest():
+            raise SwarmConfigError("the checkpoint was made with another swarm config than this swarm's")
+        self.mode.load_state(ckpt.flat)
+        self.round, self.state_id = ckpt.round, ckpt.state_id
+        if ckpt.optimizer is not None:
+            self.mode.optimizer.rebase(0, self.numel, [ckpt.optimizer])
+            self.owners = ((self.peer.peer_id, 0, self.numel),)
+        self.matchmaker.state = (self.round, self.state_id)
+        logger.info("%s resumed from a checkpoint of round %d", self.tag, self.round)
+
     # ------------------------------------------------------------------------------------ state source
 
-    def meta(self) -> StateMeta:
-        if self._sha is None or self._sha[0] != self.state_id:
-            self._sha = (self.state_id, state_sha256(self._flat()))
-        return StateMeta(self.round, self.state_id, self._sha[1], self.numel, self.owners)
+    def describe(self) -> tuple[int, bytes, tuple[tuple[str, int, int], ...]]:
+        return self.round, self.state_id, self.owners
 
-    def _flat(self) -> torch.Tensor:
-        return torch.cat([t.detach().reshape(-1) for t in self.mode.state_tensors()])
-
-    def flat_range(self, start: int, end: int) -> np.ndarray:
-        out = np.empty(end - start, dtype=np.float32)
-        offset = 0
-        for t in self.mode.state_tensors():
-            n = t.numel()
-            lo, hi = max(start, offset), min(end, offset + n)
-            if lo < hi:
-                out[lo - start : hi - start] = t.detach().reshape(-1)[lo - offset : hi - offset].numpy()
-            offset += n
-        return out
+    def flat_copy(self) -> np.ndarray:
+        return torch.cat([t.detach().reshape(-1) for t in self.mode.state_tensors()]).numpy()
 
     def optim_range(self, start: int, end: int) -> StateSlice | None:
         return self.mode.optimizer.export(start, end)

@@ -1,7 +1,7 @@
 """State sync: a peer that is new, returning or out of step downloads the swarm's state from donors.
 
-Every training peer serves ``legion/state/1`` on its libp2p host. A request is one msgpack map, the answer a
-msgpack header followed by raw little-endian float32 bytes:
+Every training peer serves ``legion/state/1`` on its libp2p host (:class:`StateServer`). A request is one
+msgpack map, the answer a msgpack header followed by raw little-endian float32 bytes:
 
 - ``{"what": "meta"}`` → round, state id, the SHA-256 of the flat parameters, their element count, and who
   owns which range of the sharded optimizer state;
@@ -50,72 +50,106 @@ class StateMeta:
 
 
 class StateSource:
-    """What a donor serves; the trainer implements it."""
+    """What a donor holds; the trainer implements it."""
 
-    def meta(self) -> StateMeta:
+    def describe(self) -> tuple[int, bytes, tuple[tuple[str, int, int], ...]]:
+        """``(round, state_id, owners)`` of the state held now."""
         raise NotImplementedError
 
-    def flat_range(self, start: int, end: int) -> np.ndarray:
-        """Float32 copy of the flat state ``[start, end)``."""
+    def flat_copy(self) -> np.ndarray:
+        """A float32 copy of the whole flat state held now."""
         raise NotImplementedError
 
     def optim_range(self, start: int, end: int) -> StateSlice | None:
+        """This peer's optimizer state of ``[start, end)`` (as of the state held now), or None."""
         raise NotImplementedError
 
 
-async def serve_state(host: Host, source: StateSource) -> None:
-    """Answer ``STATE_PROTOCOL`` requests from ``source``."""
+@dataclass(frozen=True)
+class _Snapshot:
+    meta: StateMeta
+    flat: np.ndarray
 
-    async def handle(stream_info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+
+class StateServer:
+    """Serves ``STATE_PROTOCOL`` from a :class:`StateSource`.
+
+    A ``meta`` request snapshots the flat state (a copy, hashed once), and ranges are served from the snapshot
+    of the state id they name: a download stays consistent while the donor trains on, for as long as the
+    donor keeps that snapshot (the two latest). Optimizer state is not snapshotted: an owner answers for the
+    state it holds now, or says it has moved on.
+    """
+
+    KEEP = 2
+
+    def __init__(self, host: Host, source: StateSource) -> None:
+        self.host, self.source = host, source
+        self._snapshots: dict[bytes, _Snapshot] = {}
+
+    async def start(self) -> None:
+        await self.host.add_stream_handler(STATE_PROTOCOL, self._handle)
+
+    def snapshot(self) -> _Snapshot:
+        round_, state_id, owners = self.source.describe()
+        snap = self._snapshots.get(state_id)
+        if snap is None:
+            flat = self.source.flat_copy()
+            sha = hashlib.sha256(memoryview(flat).cast("B")).digest()
+            snap = _Snapshot(StateMeta(round_, state_id, sha, flat.size, owners), flat)
+            self._snapshots[state_id] = snap
+            while len(self._snapshots) > self.KEEP:
+                self._snapshots.pop(next(iter(self._snapshots)))
+        return snap
+
+    async def _handle(self, stream_info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await asyncio.wait_for(read_message(reader, max_bytes=4096), 10)
             if not isinstance(request, dict):
                 raise ProtocolError("state request is not a map")
-            await _answer(source, request, writer)
+            await self._answer(request, writer)
         except (TimeoutError, ProtocolError, ConnectionError) as e:
-            logger.info("[%s] bad state request from %s: %r", host.short_id, stream_info, e)
+            logger.info("[%s] bad state request from %s: %r", self.host.short_id, stream_info, e)
         finally:
             writer.close()
 
-    await host.add_stream_handler(STATE_PROTOCOL, handle)
-
-
-async def _answer(source: StateSource, request: dict[str, object], writer: asyncio.StreamWriter) -> None:
-    meta = source.meta()
-    what = request.get("what")
-    if what == "meta":
-        await write_message(writer, {
-            "round": meta.round, "state_id": meta.state_id, "sha256": meta.sha256, "numel": meta.numel,
-            "owners": [list(o) for o in meta.owners],
-        })  # fmt: skip
-        return
-    start, end = request.get("start"), request.get("end")
-    if not (type(start) is int and type(end) is int and 0 <= start <= end and end - start <= RANGE_ELEMS):
-        raise ProtocolError(f"bad range {start!r}..{end!r}")
-    if request.get("state_id") != meta.state_id:
-        await write_message(writer, {"status": "moved", "state_id": meta.state_id})
-        return
-    if what == "params":
-        if end > meta.numel:
-            raise ProtocolError(f"range end {end} past {meta.numel} elements")
-        data = source.flat_range(start, end)  # copied now: the state may change once we yield
-        await write_message(writer, {"status": "ok", "nbytes": data.nbytes})
-        writer.write(memoryview(data).cast("B"))
-        await writer.drain()
-    elif what == "optim":
-        got = source.optim_range(start, end)
-        if got is None:
-            await write_message(writer, {"status": "missing"})
+    async def _answer(self, request: dict[str, object], writer: asyncio.StreamWriter) -> None:
+        what = request.get("what")
+        if what == "meta":
+            meta = self.snapshot().meta
+            await write_message(writer, {
+                "round": meta.round, "state_id": meta.state_id, "sha256": meta.sha256, "numel": meta.numel,
+                "owners": [list(o) for o in meta.owners],
+            })  # fmt: skip
             return
-        names = sorted(got.buffers)
-        arrays = [got.buffers[n].numpy().astype(np.float32, copy=True) for n in names]
-        header = {"status": "ok", "names": names, "segments": [list(s) for s in got.segments]}
-        await write_message(writer, {**header, "nbytes": sum(a.nbytes for a in arrays)})
-        for a in arrays:
-            writer.write(memoryview(a).cast("B"))
-        await writer.drain()
-    else:
-        raise ProtocolError(f"unknown state request {what!r}")
+        start, end = request.get("start"), request.get("end")
+        if not (type(start) is int and type(end) is int and 0 <= start <= end and end - start <= RANGE_ELEMS):
+            raise ProtocolError(f"bad range {start!r}..{end!r}")
+        state_id = request.get("state_id")
+        if what == "params":
+            snap = self._snapshots.get(state_id) if isinstance(state_id, bytes) else None
+            if snap is None:
+                await write_message(writer, {"status": "moved"})
+                return
+            if end > snap.flat.size:
+                raise ProtocolError(f"range end {end} past {snap.flat.size} elements")
+            data = snap.flat[start:end]
+            await write_message(writer, {"status": "ok", "nbytes": data.nbytes})
+            writer.write(memoryview(data).cast("B"))
+            await writer.drain()
+        elif what == "optim":
+            got = self.source.optim_range(start, end) if state_id == self.source.describe()[1] else None
+            if got is None:
+                await write_message(writer, {"status": "missing"})
+                return
+            names = sorted(got.buffers)
+            arrays = [got.buffers[n].numpy().astype(np.float32, copy=True) for n in names]  # copied before yielding
+            header = {"status": "ok", "names": names, "segments": [list(s) for s in got.segments]}
+            await write_message(writer, {**header, "nbytes": sum(a.nbytes for a in arrays)})
+            for a in arrays:
+                writer.write(memoryview(a).cast("B"))
+            await writer.drain()
+        else:
+            raise ProtocolError(f"unknown state request {what!r}")
 
 
 async def _request(host: Host, peer_id: str, request: dict[str, object], timeout: float) -> tuple[dict, bytes]:
@@ -208,9 +242,10 @@ async def _download_once(
                 logger.info("[%s] range %d..%d from %s failed: %s", host.short_id, start, end, short_peer_id(donor), e)
         raise TrainingError(f"no donor served range {start}..{end}")
 
-    async with asyncio.TaskGroup() as tg:
-        for i, (start, end) in enumerate(ranges):
-            tg.create_task(fetch(i, start, end))
+    results = await asyncio.gather(*(fetch(i, a, b) for i, (a, b) in enumerate(ranges)), return_exceptions=True)
+    for error in results:
+        if isinstance(error, BaseException):
+            raise error
     if hashlib.sha256(memoryview(flat).cast("B")).digest() != sha:
         raise ProtocolError("the downloaded state does not match its SHA-256 (a donor moved on or lied)")
     seconds = loop.time() - t0
@@ -255,11 +290,5 @@ async def fetch_optimizer_state(
                 logger.warning("[%s] no optimizer state %d..%d from %s: %s", host.short_id, a, b, who, e)
                 return
 
-    async with asyncio.TaskGroup() as tg:
-        for peer, lo, hi in wanted:
-            tg.create_task(fetch(peer, lo, hi))
+    await asyncio.gather(*(fetch(peer, lo, hi) for peer, lo, hi in wanted))  # fetch() logs and skips failures
     return found
-
-
-def state_sha256(flat: torch.Tensor) -> bytes:
-    return hashlib.sha256(memoryview(flat.detach().contiguous().numpy()).cast("B")).digest()

@@ -1,0 +1,104 @@
+"""Checkpoints: a file round trip with its checks, and export from a running swarm, then a new swarm resumed
+from the file (real processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+import torch
+
+from legion_swarm.config import TrainConfig
+from legion_swarm.errors import SwarmConfigError
+from legion_swarm.sim import LocalSwarm
+from legion_swarm.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from legion_swarm.train.config import DataConfig, ModelConfig
+from legion_swarm.train.optim import StateSlice
+from legion_swarm.train.state_sync import fetch_meta
+from legion_swarm.train.swarm_config import SwarmSpec
+from tests.conftest import eventually, observer, run_cli
+
+SPEC = SwarmSpec(
+    model=ModelConfig(preset="custom", n_layer=1, n_head=2, d_model=16, seq_len=8),
+    data=DataConfig(source="dummy", batch_size=2),
+    train=TrainConfig(mode="sync"),
+)
+
+
+def make(numel: int) -> Checkpoint:
+    flat = torch.randn(numel, generator=torch.Generator().manual_seed(3))
+    optimizer = StateSlice(0, numel, {"exp_avg": flat * 2, "exp_avg_sq": flat.abs()}, [(0, 10, 4), (10, numel, 7)])
+    return Checkpoint(SPEC, 12, b"\x01" * 16, flat, optimizer)
+
+
+def numel_of(spec: SwarmSpec) -> int:
+    from legion_swarm.train.model import build_model
+
+    return sum(p.numel() for p in build_model(spec.model).parameters())
+
+
+def test_checkpoint_round_trip_and_corruption(tmp_path) -> None:
+    ckpt = make(numel_of(SPEC))
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, ckpt, "s")
+    assert os.listdir(tmp_path) == ["model.safetensors"]  # no temp file left behind
+    back = load_checkpoint(path)
+    assert back.spec.digest() == SPEC.digest() and back.round == 12 and back.state_id == ckpt.state_id
+    assert torch.equal(back.flat, ckpt.flat)
+    assert back.optimizer is not None and back.optimizer.segments == [(0, 10, 4), (10, ckpt.flat.numel(), 7)]
+    assert torch.equal(back.optimizer.buffers["exp_avg"], ckpt.flat * 2)
+
+    raw = bytearray(path.read_bytes())
+    raw[-8:] = b"\xff" * 8  # flip the last parameter bytes
+    path.write_bytes(bytes(raw))
+    with pytest.raises(SwarmConfigError, match="corrupt"):
+        load_checkpoint(path)
+    (tmp_path / "other.txt").write_text("not a checkpoint")
+    with pytest.raises(SwarmConfigError, match="cannot read"):
+        load_checkpoint(tmp_path / "other.txt")
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+async def test_export_from_a_running_swarm_and_resume_a_new_swarm_from_it(tmp_path) -> None:
+    # diloco: a round lasts a few local steps, so the owners still hold the exported state when asked for it
+    spec_flags = ("--mode", "diloco", "--inner-steps", "10", "--model", "tiny", "--data", "dummy", "--batch-size", "2")
+    out = tmp_path / "swarm.safetensors"
+    async with await LocalSwarm.create(
+        2, swarm="ckpt", heartbeat_s=1.0, bootstrap_args=spec_flags, peer_args=("--rounds", "400")
+    ) as swarm:
+        assert swarm.bootstrap is not None
+        async with observer(swarm.bootstrap.maddr, swarm="ckpt") as obs:
+
+            async def trained_a_while() -> bool:
+                metas = await asyncio.gather(
+                    *(fetch_meta(obs.host, p.peer_id) for p in swarm.peers), return_exceptions=True
+                )
+                return all(not isinstance(m, BaseException) and m.round >= 5 for m in metas)
+
+            await eventually(trained_a_while, timeout=120, interval=1.0)
+        result = await run_cli("checkpoint", "export", str(out), "--peer", swarm.bootstrap.maddr, timeout=120)
+        assert result.code == 0, result.stderr[-2000:]
+    ckpt = load_checkpoint(out)
+    assert ckpt.round >= 5 and ckpt.optimizer is not None  # both owners handed their ranges over
+
+    # A new swarm from the file: one peer resumes it, a fresh one must end up with the same parameters.
+    async with await LocalSwarm.create(
+        0, swarm="ckpt2", heartbeat_s=1.0, bootstrap_args=("--config", str(out))
+    ) as swarm:
+        resumed = await swarm.add_peer(args=("--rounds", "400", "--resume", str(out)))
+        fresh = await swarm.add_peer(args=("--rounds", "400"))
+        assert swarm.bootstrap is not None
+        async with observer(swarm.bootstrap.maddr, swarm="ckpt2") as obs:
+
+            async def same_state_past_the_checkpoint() -> bool:
+                a, b = await asyncio.gather(
+                    fetch_meta(obs.host, resumed.peer_id), fetch_meta(obs.host, fresh.peer_id), return_exceptions=True
+                )
+                if isinstance(a, BaseException) or isinstance(b, BaseException):
+                    return False
+                return a.round == b.round and a.round > ckpt.round and a.sha256 == b.sha256
+
+            await eventually(same_state_past_the_checkpoint, timeout=120, interval=0.3)
+        assert "resumed from a checkpoint of round" in resumed.tail(400)
