@@ -1,0 +1,82 @@
+"""The swarm's signed config: canonical bytes, the creator's signature, TOML files, local overrides, and a
+joiner refusing a conflicting flag (a real bootstrap process)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from legion_swarm.config import TrainConfig
+from legion_swarm.errors import SwarmConfigError
+from legion_swarm.sim import start_process, stop_process
+from legion_swarm.train.config import DataConfig, ModelConfig
+from legion_swarm.train.swarm_config import SignedSpec, SwarmSpec, check_overrides
+from legion_swarm.transport.identity import Identity
+from tests.conftest import run_cli
+
+
+def test_canonical_bytes_and_digest_do_not_depend_on_how_the_config_was_written() -> None:
+    a = SwarmSpec(train=TrainConfig(mode="sync", lr=0.002))
+    b = SwarmSpec.from_dict({"train": {"lr": 0.002, "mode": "sync"}, "model": {"preset": "tiny"}})
+    assert a.canonical() == b.canonical() and a.digest() == b.digest()
+    assert SwarmSpec.from_dict(a.to_dict()) == a
+    assert SwarmSpec(train=TrainConfig(mode="diloco")).digest() != a.digest()
+
+
+def test_a_signed_config_verifies_and_any_change_is_refused() -> None:
+    creator = Identity.generate()
+    signed = SignedSpec.sign(SwarmSpec(data=DataConfig(source="dummy")), creator)
+    record = signed.record("s", writer="QmCopyHolder")
+    back = SignedSpec.from_record(record)
+    assert back.spec == signed.spec and back.creator == creator.peer_id
+    other = SwarmSpec(data=DataConfig(source="dummy", batch_size=9)).canonical()
+    with pytest.raises(SwarmConfigError, match="bad creator signature"):
+        SignedSpec.from_record(dataclasses.replace(record, config=other))
+    with pytest.raises(SwarmConfigError, match="creator key does not match"):
+        SignedSpec.from_record(dataclasses.replace(record, creator=Identity.generate().peer_id))
+    impostor = Identity.generate()
+    forged = dataclasses.replace(record, creator_key=impostor.public_key, creator=impostor.peer_id)
+    with pytest.raises(SwarmConfigError, match="bad creator signature"):
+        SignedSpec.from_record(forged)
+
+
+def test_toml_files_and_their_errors(tmp_path) -> None:
+    good = tmp_path / "swarm.toml"
+    good.write_text(
+        '[model]\npreset = "small"\n[data]\nsource = "dummy"\n[train]\nmode = "sync"\nbetas = [0.9, 0.99]\n'
+    )
+    spec = SwarmSpec.load(good)
+    assert spec.model == ModelConfig(preset="small") and spec.train.betas == (0.9, 0.99)
+    for text, match in [
+        ("[train]\nmode = 'async'\n", "bad mode"),
+        ("[train]\nspeed = 3\n", "unknown \\[train\\] keys: speed"),
+        ("[optimizer]\nlr = 1\n", "unknown swarm config sections"),
+        ("[model\n", "cannot read"),
+    ]:
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text)
+        with pytest.raises(SwarmConfigError, match=match):
+            SwarmSpec.load(bad)
+
+
+def test_local_overrides_must_equal_the_swarms_values() -> None:
+    spec = SwarmSpec(train=TrainConfig(mode="diloco"), data=DataConfig(batch_size=8))
+    check_overrides(spec, {"train": {"mode": "diloco"}, "data": {"batch_size": 8}})
+    with pytest.raises(SwarmConfigError, match="--mode sync conflicts with the swarm's config"):
+        check_overrides(spec, {"train": {"mode": "sync"}})
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(90)
+async def test_join_with_a_conflicting_flag_exits_with_a_clear_error() -> None:
+    boot = await start_process(
+        "bootstrap", ["bootstrap", "--host", "127.0.0.1", "--port", "0", "--swarm", "conf", "--mode", "diloco"]
+    )
+    try:
+        result = await run_cli("join", "--peer", boot.maddr, "--host", "127.0.0.1", "--mode", "sync", timeout=60)
+    finally:
+        await stop_process(boot)
+    assert result.code == 2, result.stderr
+    assert "--mode sync conflicts with the swarm's config (train.mode = diloco)" in result.stderr
+    assert "Traceback" not in result.stderr
