@@ -10,8 +10,10 @@ import logging
 import time
 from typing import Any
 
-from rich.console import Console
+from rich.columns import Columns
+from rich.console import Console, Group
 from rich.live import Live
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from legion_swarm.config import CODECS, MODES
@@ -118,6 +120,16 @@ async def fetch_swarm_spec(peer: Any, timeout: float = 20.0) -> Any:
         await asyncio.sleep(0.5)
 
 
+def progress_view(trainer: Any) -> Any:
+    """The live display: the progress table, with a bar while the swarm's state downloads."""
+    table = progress_table(trainer)
+    if trainer.progress.download is None:
+        return table
+    done, total = trainer.progress.download
+    bar = ProgressBar(total=max(total, 1), completed=done, width=40)
+    return Group(table, Columns([f"state sync {done / 1e6:.1f} / {total / 1e6:.1f} MB", bar]))
+
+
 def progress_table(trainer: Any) -> Table:
     p = trainer.progress
     elapsed = max(time.perf_counter() - trainer.started_at, 1e-9)
@@ -161,8 +173,7 @@ async def train(peer: Any, args: argparse.Namespace, console: Console) -> Any:
     live = console.is_terminal and not args.quiet
     try:
         if live:
-            with Live(progress_table(trainer), console=console, refresh_per_second=2) as display:
-                trainer.on_round = lambda t: display.update(progress_table(t))
+            with Live(console=console, refresh_per_second=4, get_renderable=lambda: progress_view(trainer)):
                 await trainer.run()
         else:
             await trainer.run()

@@ -85,6 +85,8 @@ class Progress:
     resyncs: int = 0
     history: list[tuple[int, float]] = field(default_factory=list)
     """``(step, loss)`` after every round."""
+    download: tuple[int, int] | None = None
+    """``(bytes done, bytes total)`` while downloading the swarm's state, else None."""
 
 
 class SwarmTrainer(StateSource):
@@ -287,7 +289,14 @@ class SwarmTrainer(StateSource):
         donors = [d for d in donors if d != self.peer.peer_id]
         if not donors:
             raise TrainingError("told to re-sync, but no donor was named")
-        got = await download_state(self.peer.host, donors, numel=self.numel)
+
+        def progress(done: int, total: int) -> None:
+            self.progress.download = (done, total)
+
+        try:
+            got = await download_state(self.peer.host, donors, numel=self.numel, progress=progress)
+        finally:
+            self.progress.download = None
         self.mode.load_state(got.flat)
         self.round, self.state_id, self.owners = got.meta.round, got.meta.state_id, got.meta.owners
         self.matchmaker.state = (self.round, self.state_id)
