@@ -92,13 +92,15 @@ class Progress:
 class SwarmTrainer(StateSource):
     """Trains ``spec``'s model with the swarm, as member ``peer``. Build with :meth:`create`."""
 
-    def __init__(self, peer: SwarmPeer, signed: SignedSpec, config: LoopConfig, data: TokenData) -> None:
+    def __init__(
+        self, peer: SwarmPeer, signed: SignedSpec, config: LoopConfig, data: TokenData, model: torch.nn.Module
+    ) -> None:
         assert peer.plane is not None and peer.dht is not None and peer.membership is not None
         self.peer, self.signed, self.spec, self.config = peer, signed, signed.spec, config
         self.tag = f"[{peer.tag}]"
         self.data = data
         data.check_vocab(self.spec.model.vocab_size)
-        self.model = build_model(self.spec.model)
+        self.model = model
         self.params = trainable(self.model)
         self.numel = sum(p.numel() for p in self.params)
         collective = config.collective or CollectiveConfig()
@@ -112,7 +114,6 @@ class SwarmTrainer(StateSource):
         self.round = 0
         self.state_id = _initial_state_id(signed)
         self.matchmaker.state = (self.round, self.state_id)
-        self.synced = False
         self.owners: tuple[tuple[str, int, int], ...] = ()
         self.progress = Progress()
         self.leases: ShardLeases | None = None
@@ -127,8 +128,10 @@ class SwarmTrainer(StateSource):
 
     @classmethod
     async def create(cls, peer: SwarmPeer, signed: SignedSpec, config: LoopConfig) -> SwarmTrainer:
+        # Off the event loop: heartbeats go on while the data loads and the model builds (seconds for medium).
         data = await asyncio.to_thread(load_tokens, signed.spec.data)
-        self = cls(peer, signed, config, data)
+        model = await asyncio.to_thread(build_model, signed.spec.model)
+        self = cls(peer, signed, config, data, model)
         await self.matchmaker.start()
         self.server = StateServer(peer.host, self)
         await self.server.start()
@@ -283,7 +286,6 @@ class SwarmTrainer(StateSource):
             await membership.publish()
             await asyncio.sleep(self.config.window_s)
             self._view_at = 0.0
-        self.synced = True
 
     async def _resync(self, donors: list[str]) -> None:
         donors = [d for d in donors if d != self.peer.peer_id]
