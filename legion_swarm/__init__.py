@@ -4,6 +4,7 @@ Public API (imported lazily, so ``import legion_swarm`` stays cheap for the CLI)
 
     from legion_swarm import SwarmPeer, PeerConfig, HostConfig, MembershipConfig, DHTConfig, LocalSwarm
     from legion_swarm import DataPlane, GroupInfo, GroupMember, Collectives, CollectiveConfig, RoundResult
+    from legion_swarm import SwarmSpec, SignedSpec, SwarmTrainer, LoopConfig, TrainConfig, ModelConfig, DataConfig
 """
 
 from __future__ import annotations
@@ -35,6 +36,14 @@ _EXPORTS = {
     "Collectives": "legion_swarm.collectives.api",
     "RoundResult": "legion_swarm.collectives.result",
     "FaultPlan": "legion_swarm.collectives.faults",
+    "TrainConfig": "legion_swarm.config",
+    "ModelConfig": "legion_swarm.train.config",
+    "DataConfig": "legion_swarm.train.config",
+    "SwarmSpec": "legion_swarm.train.swarm_config",
+    "SignedSpec": "legion_swarm.train.swarm_config",
+    "SwarmTrainer": "legion_swarm.train.loop",
+    "LoopConfig": "legion_swarm.train.loop",
+    "build_model": "legion_swarm.train.model",
 }
 
 __all__ = ["__version__", *_EXPORTS]
