@@ -18,6 +18,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from legion_swarm import __version__
 from legion_swarm.config import DEFAULT_SWARM, PeerConfig
 from legion_swarm.dht.membership import Hello, Membership, read_members, say_hello, serve_hello
 from legion_swarm.dht.node import Found, SwarmDHT, dht_time
@@ -107,6 +108,10 @@ class SwarmPeer:
         self.maddrs: list[str] = []
         self.join_timings: dict[str, float] = {}
         """Seconds spent in each phase of :meth:`create`: daemon, dht (with the handshake), publish, total."""
+        self.entry_hellos: list[Hello] = []
+        """What the entry peers answered to our hello (empty for the first node of a swarm)."""
+        self.hello_fields: dict[str, object] = {}
+        """Extra fields of our own hello answers, e.g. ``config``: the digest of the swarm's training config."""
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
 
@@ -131,11 +136,12 @@ class SwarmPeer:
         host = await asyncio.wait_for(Host.create(config.host, identity), config.join_timeout_s)
         t_host = time.perf_counter()
         try:
-            swarm, dht = await cls._handshake_and_bootstrap(host, config, deadline)
+            hellos, dht = await cls._handshake_and_bootstrap(host, config, deadline)
         except BaseException:
             await host.aclose()
             raise
-        self = cls(config, host, swarm)
+        self = cls(config, host, hellos[0].swarm)
+        self.entry_hellos = [h for h in hellos if h.peer_id != host.peer_id]
         self.dht = dht
         self.join_timings["daemon_s"] = t_host - t0
         self.join_timings["dht_s"] = time.perf_counter() - t_host
@@ -148,19 +154,21 @@ class SwarmPeer:
         phases = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in self.join_timings.items() if k != "total_s")
         logger.info(
             "[%s] joined swarm %r as %s in %.2f s (%s)",
-            self.tag, swarm, config.membership.role, self.join_timings["total_s"], phases,
+            self.tag, self.swarm, config.membership.role, self.join_timings["total_s"], phases,
         )  # fmt: skip
         return self
 
     @classmethod
-    async def _handshake_and_bootstrap(cls, host: Host, config: PeerConfig, deadline: float) -> tuple[str, SwarmDHT]:
+    async def _handshake_and_bootstrap(
+        cls, host: Host, config: PeerConfig, deadline: float
+    ) -> tuple[list[Hello], SwarmDHT]:
         """Check the entry peers' swarm while the DHT node bootstraps: both need only the daemon.
 
         If the handshake fails (another swarm, nobody answers), the DHT node is cancelled or closed again.
         """
         dht_task = asyncio.ensure_future(SwarmDHT.create(host, config.dht))
         try:
-            swarm = await cls._check_entry_peers(host, config, timeout=deadline - time.perf_counter())
+            hellos = await cls._check_entry_peers(host, config, timeout=deadline - time.perf_counter())
             dht = await asyncio.wait_for(dht_task, max(deadline - time.perf_counter(), 0.1))
         except BaseException:
             dht_task.cancel()
@@ -171,18 +179,18 @@ class SwarmPeer:
             else:
                 await unused.aclose()
             raise
-        return swarm, dht
+        return hellos, dht
 
     @staticmethod
-    async def _check_entry_peers(host: Host, config: PeerConfig, *, timeout: float) -> str:
-        """Ask every initial peer which swarm it serves; return the swarm to join.
+    async def _check_entry_peers(host: Host, config: PeerConfig, *, timeout: float) -> list[Hello]:
+        """Ask every initial peer which swarm it serves; return their answers (all for one swarm).
 
         An unreachable peer fails at once (the daemon's dial is refused); a reachable but busy one gets
         the whole remaining join budget, since giving up on it would turn load into "unreachable".
         """
         wanted = config.membership.swarm
         if not config.host.initial_peers:
-            return wanted or DEFAULT_SWARM
+            return [Hello(host.peer_id, wanted or DEFAULT_SWARM, __version__, config.membership.role)]
         peer_ids = list(dict.fromkeys(_peer_id_of_maddr(m) for m in config.host.initial_peers))
         deadline = time.perf_counter() + timeout
         answered = asyncio.Event()
@@ -211,13 +219,13 @@ class SwarmPeer:
             )
         if len(swarms) > 1:
             raise SwarmMismatchError(f"the initial peers belong to different swarms: {sorted(swarms)}")
-        return swarms.pop()
+        return hellos
 
     async def _join(self) -> None:
         assert self.dht is not None
         role = self.config.membership.role
         if role != "observer":
-            await serve_hello(self.host, self.swarm, role)
+            await serve_hello(self.host, self.swarm, role, extra=lambda: self.hello_fields)
         self.maddrs = await self.host.maddrs()
         t1 = time.perf_counter()
         if role != "observer":

@@ -3,6 +3,7 @@ joiner refusing a conflicting flag (a real bootstrap process)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 import pytest
@@ -80,3 +81,31 @@ async def test_join_with_a_conflicting_flag_exits_with_a_clear_error() -> None:
     assert result.code == 2, result.stderr
     assert "--mode sync conflicts with the swarm's config (train.mode = diloco)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(90)
+async def test_a_joiner_takes_the_config_its_entry_peer_names_not_the_most_common_copy() -> None:
+    from legion_swarm.cli.train import fetch_swarm_spec
+    from legion_swarm.peer import SwarmPeer
+    from legion_swarm.train.swarm_config import publish_spec
+    from tests.test_peer import config
+
+    real = SignedSpec.sign(SwarmSpec(train=TrainConfig(mode="sync")), Identity.generate())
+    peers: list[SwarmPeer] = []
+    try:
+        boot = await SwarmPeer.create(config(role="bootstrap"))
+        peers.append(boot)
+        boot.hello_fields["config"] = real.digest
+        await publish_spec(boot.dht, boot.swarm, real, ttl_s=60)
+        for _ in range(2):  # two members push another config, each under its own (valid) signature
+            sybil = await SwarmPeer.create(config(boot.maddrs[0]))
+            peers.append(sybil)
+            forged = SignedSpec.sign(SwarmSpec(train=TrainConfig(mode="diloco", lr=0.5)), sybil.host.identity)
+            await publish_spec(sybil.dht, sybil.swarm, forged, ttl_s=60)
+        joiner = await SwarmPeer.create(config(boot.maddrs[0]))
+        peers.append(joiner)
+        assert [h.config for h in joiner.entry_hellos] == [real.digest]
+        got = await fetch_swarm_spec(joiner, timeout=10)
+        assert got.digest == real.digest and got.spec.train.mode == "sync"
+    finally:
+        await asyncio.gather(*(p.aclose() for p in peers), return_exceptions=True)

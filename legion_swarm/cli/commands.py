@@ -108,6 +108,7 @@ async def serve(args: argparse.Namespace, role: str, command: str) -> int:
             from legion_swarm.train.swarm_config import SignedSpec
 
             signed = SignedSpec.sign(await asyncio.to_thread(train.pin_data, spec), peer.host.identity)
+            peer.hello_fields["config"] = signed.digest
             logger.info("[%s] swarm config %s: %s", peer.tag, signed.digest.hex()[:12], spec.to_dict())
             background.append(asyncio.create_task(train.publish_forever(peer, signed, max(args.heartbeat, 5.0))))
         if role == "peer" and not args.no_train:

@@ -105,17 +105,23 @@ async def publish_forever(peer: Any, signed: Any, every_s: float) -> None:
 
 
 async def fetch_swarm_spec(peer: Any, timeout: float = 20.0) -> Any:
+    """The swarm's signed config: the one whose digest the entry peers named in their hello (any copy in the
+    DHT with that digest and a valid creator signature), or, if they named none, the copy most members serve."""
     from legion_swarm.train.swarm_config import fetch_spec
 
+    named = {h.config for h in peer.entry_hellos if h.config is not None}
+    if len(named) > 1:
+        raise SwarmConfigError("the entry peers name different training configs for this swarm")
+    digest = named.pop() if named else None
     deadline = time.monotonic() + timeout
     while True:
-        signed = await fetch_spec(peer.dht, peer.swarm)
+        signed = await fetch_spec(peer.dht, peer.swarm, digest)
         if signed is not None:
             return signed
         if time.monotonic() > deadline:
             raise SwarmConfigError(
                 f"swarm {peer.swarm!r} publishes no training config (start its bootstrap with --config or "
-                "training flags), or it was not readable within {timeout:.0f} s"
+                f"training flags), or it was not readable within {timeout:.0f} s"
             )
         await asyncio.sleep(0.5)
 
@@ -164,6 +170,7 @@ async def train(peer: Any, args: argparse.Namespace, console: Console) -> Any:
 
     signed = await fetch_swarm_spec(peer)
     check_overrides(signed.spec, overrides(args))
+    peer.hello_fields["config"] = signed.digest  # joiners through us trust this config
     publisher = asyncio.create_task(publish_forever(peer, signed, every_s=max(args.heartbeat, 5.0)))
     trainer = await SwarmTrainer.create(peer, signed, LoopConfig(rounds=args.rounds))
     if args.resume:

@@ -14,6 +14,7 @@ import glob
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from legion_swarm import __version__
@@ -39,17 +40,20 @@ class Hello:
     swarm: str
     version: str
     role: str
+    config: bytes | None = None
+    """SHA-256 of the swarm's signed training config, if the peer knows it: a joiner trusts this one."""
 
 
-async def serve_hello(host: Host, swarm: str, role: str) -> None:
-    """Answer ``HELLO_PROTOCOL`` streams with our swarm name, version and role."""
+async def serve_hello(host: Host, swarm: str, role: str, extra: Callable[[], dict[str, object]] | None = None) -> None:
+    """Answer ``HELLO_PROTOCOL`` streams with our swarm name, version and role (and ``extra()``'s fields)."""
 
     async def handle(stream_info: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await asyncio.wait_for(read_message(reader, max_bytes=HELLO_MAX_BYTES), timeout=5)
             if not isinstance(request, dict):
                 raise ProtocolError("hello request is not a map")
-            await write_message(writer, {"swarm": swarm, "version": __version__, "role": role})
+            fields = extra() if extra is not None else {}
+            await write_message(writer, {**fields, "swarm": swarm, "version": __version__, "role": role})
         except (TimeoutError, ProtocolError, ConnectionError) as e:
             logger.info("[%s] bad hello from %s: %s", host.short_id, stream_info, e)
         finally:
@@ -70,7 +74,9 @@ async def say_hello(host: Host, peer_id: str, swarm: str | None, *, timeout: flo
             writer.close()
         if not (isinstance(reply, dict) and all(isinstance(reply.get(k), str) for k in ("swarm", "version"))):
             raise ProtocolError(f"peer {short_peer_id(peer_id)} sent a malformed hello")
-        return Hello(peer_id, reply["swarm"], reply["version"], str(reply.get("role", "?")))
+        config = reply.get("config")
+        config = config if isinstance(config, bytes) and len(config) == 32 else None
+        return Hello(peer_id, reply["swarm"], reply["version"], str(reply.get("role", "?")), config)
 
     return await asyncio.wait_for(exchange(), timeout)
 
