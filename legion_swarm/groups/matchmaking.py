@@ -120,6 +120,7 @@ class Matchmaker:
         """``(round, state_id)`` of the state this peer holds (set by the trainer after every round)."""
         self.donors: tuple[str, ...] = ()
         """Peers known to hold this peer's state: the members of the last round it committed."""
+        self._formed = 0  # the last round this peer formed as a leader
 
     async def start(self) -> None:
         await self.host.add_stream_handler(ROUND_PROTOCOL, self._handle)
@@ -178,6 +179,7 @@ class Matchmaker:
                     await arrived.wait()
         pending = self._pending.pop(round_)
         self._arrived.pop(round_, None)
+        self._formed = max(self._formed, round_)
         same = [p for p in pending if p.request.state_id == request.state_id]
         members = sorted((p.request.member for p in same), key=lambda m: m.peer_id)
         rid = round_id(self.swarm, round_, request.state_id, members)
@@ -216,6 +218,8 @@ class Matchmaker:
             return self._resync_answer()  # the asker's state is older than ours
         if request.round > round_ + 2:  # one round ahead is normal: the asker finished that round before us
             return {"status": "retry", "reason": f"this leader is at round {round_}, behind round {request.round}"}
+        if request.round <= self._formed:  # too late for a round that is running: ask again once it is over
+            return {"status": "retry", "reason": f"round {request.round} is already running"}
         pending = _Pending(request)
         self._pending.setdefault(request.round, []).append(pending)
         self._arrived.setdefault(request.round, asyncio.Event()).set()
