@@ -157,3 +157,15 @@ async def test_a_donor_that_lies_is_caught_by_the_hash_and_a_moved_on_donor_serv
             await download_state(ps[1].host, [ps[0].peer_id], numel=flat.numel(), attempts=2)
         with pytest.raises(TrainingError, match="no donor answered"):
             await download_state(ps[1].host, [ps[0].peer_id], numel=flat.numel() + 1, attempts=1)
+
+
+async def test_a_member_too_late_for_a_running_round_is_told_to_retry_at_once() -> None:
+    async with peers(2) as ps:
+        mms = await matchmakers(ps, window_s=0.3)
+        leader, other = sorted(range(2), key=lambda i: ps[i].peer_id)
+        alone = await mms[leader].form(member(ps[leader]), set())  # nobody else in its view: formed at once
+        assert isinstance(alone, Formed) and alone.group.size == 1
+        started = asyncio.get_running_loop().time()
+        late = await mms[other].form(member(ps[other]), {ps[leader].peer_id})
+        assert isinstance(late, Retry) and "already running" in late.reason
+        assert asyncio.get_running_loop().time() - started < 2.0  # not the 5 s request timeout
