@@ -82,9 +82,10 @@ class PeerProcess:
 
     def trained(self) -> dict | None:
         """The summary a ``join`` process prints once it has trained its ``--rounds`` (None before that)."""
+        marker = '{"event": "trained"'
         for line in reversed(self.output):
-            if line.startswith('{"event": "trained"'):
-                return json.loads(line)
+            if marker in line:
+                return json.loads(line[line.index(marker) :])
         return None
 
     def tail(self, lines: int = 30) -> str:
@@ -102,14 +103,16 @@ class PeerProcess:
             return None
 
 
-async def start_process(name: str, argv: list[str], *, ready_timeout: float = 30.0) -> PeerProcess:
+async def start_process(name: str, argv: list[str], *, ready_timeout: float = 60.0) -> PeerProcess:
     """Start ``python -m legion_swarm *argv`` and wait until it prints its multiaddrs.
 
     stdout and stderr are merged and drained continuously into ``PeerProcess.output`` (a full pipe would
     otherwise block the child). Raises :class:`NetworkError` with the child's last output if it exits or
     prints no address within ``ready_timeout``.
     """
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # Output goes to a pipe: children must not think they draw on a terminal (a notebook kernel forces colour).
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "CLICOLOR_FORCE", "TTY_COMPATIBLE")}
+    env["PYTHONUNBUFFERED"] = "1"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "legion_swarm", *argv,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -179,6 +182,7 @@ class LocalSwarm:
         self.bootstrap: PeerProcess | None = None
         self.peers: list[PeerProcess] = []
         self.retired: list[PeerProcess] = []
+        self._started = 0
 
     @classmethod
     async def create(
@@ -230,7 +234,9 @@ class LocalSwarm:
         ]
         if identity:
             argv += ["--identity", identity]
-        peer = await start_process(f"peer{len(self.peers) + len(self.retired)}", argv)
+        name = f"peer{self._started}"  # counted before awaiting: peers are often started concurrently
+        self._started += 1
+        peer = await start_process(name, argv)
         self.peers.append(peer)
         return peer
 
