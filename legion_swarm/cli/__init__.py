@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--steps",
         type=_checked(_positive_int, "count"),
-        default=40,
+        default=12,
         help="rounds each peer trains "
         "(default: %(default)s; a round is one step in sync mode, --inner-steps steps in diloco)",
     )
