@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -34,16 +35,21 @@ class BaselineResult:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def train_baseline(spec: SwarmSpec, steps: int, *, batch_multiplier: int = 1, eval_batches: int = 8) -> BaselineResult:
-    """AdamW on one process; every step takes one batch from each of ``batch_multiplier`` shards."""
+def train_baseline(
+    spec: SwarmSpec, steps: int, *, batch_multiplier: int = 1, shards: Sequence[int] | None = None,
+    eval_batches: int = 8,
+) -> BaselineResult:  # fmt: skip
+    """AdamW on one process; every step takes one batch from each of ``batch_multiplier`` shards: ``shards``
+    (e.g. the ones the swarm's peers leased, for a like-for-like comparison), or ``0 .. batch_multiplier-1``."""
     data = load_tokens(spec.data)
     model = build_model(spec.model)
     seq_len, batch = spec.model.seq_len, spec.data.batch_size
     assert seq_len is not None
-    readers = [
-        ShardReader(data.shard(i % data.num_shards), seq_len, batch, seed=spec.data.seed + i % data.num_shards)
-        for i in range(batch_multiplier)
-    ]
+    chosen = list(shards) if shards is not None else [i % data.num_shards for i in range(batch_multiplier)]
+    if len(chosen) != batch_multiplier:
+        raise ValueError(f"{len(chosen)} shards for a batch of {batch_multiplier} peers' batches")
+    # Each shard read as the peer holding it reads it: the same seed, from position 0.
+    readers = [ShardReader(data.shard(i), seq_len, batch, seed=spec.data.seed + i) for i in chosen]
     optimizer = torch.optim.AdamW(trainable(model), **spec.train.adamw())
     result = BaselineResult()
     started = time.perf_counter()

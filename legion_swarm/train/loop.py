@@ -56,7 +56,8 @@ class LoopConfig:
     rounds: int | None = None
     """Stop after this many committed rounds of this peer (``None``: until cancelled)."""
     window_s: float = 2.0
-    """How long a leader waits for the members in its view to ask for a round."""
+    """How long a leader waits at least for the members in its view to ask for a round. It waits longer when
+    rounds are long: a quarter of its own local work per round (members drift apart by a share of it)."""
     request_timeout_s: float = 30.0
     """How long a member waits for the leader's answer beyond the window."""
     view_refresh_s: float = 2.0
@@ -231,6 +232,16 @@ class SwarmTrainer(StateSource):
 
     async def _local_work(self) -> tuple[float, int]:
         """Local passes over this peer's data; returns the mean loss and the tokens processed."""
+        started = time.perf_counter()
+        try:
+            return await self._local_steps()
+        finally:
+            # A member that misses the leader's window must re-sync and loses its round's work, so the window
+            # grows with the work: in diloco, 20 steps on a busy machine drift apart by seconds.
+            took = time.perf_counter() - started
+            self.matchmaker.window_s = max(self.config.window_s, took / 4)
+
+    async def _local_steps(self) -> tuple[float, int]:
         steps = 1 if isinstance(self.mode, SyncMode) else self.spec.train.inner_steps
         losses = []
         for _ in range(steps):
