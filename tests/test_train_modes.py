@@ -99,6 +99,24 @@ async def test_sync_equals_single_process_adamw_with_n_times_the_batch(n_peers: 
         assert abs(nbytes - reference_state / n_peers) <= 64 * 2 * 4  # shard starts align to 64 elements
 
 
+async def run_diloco(plan: list, config: TrainConfig, codec: str) -> tuple[list[TinyLM], list[list[int]]]:
+    """``plan[k][r]``: member r's inner batches in outer round k. Returns the models and the samples each member
+    contributed per round; every round must be complete."""
+    samples = []
+    async with planes(len(plan[0])) as ps:
+        models = [TinyLM() for _ in ps]
+        modes = make_modes(DiLoCoMode, models, ps, codec, config)
+        for per_member in plan:
+            for mode, member_batches in zip(modes, per_member, strict=True):
+                for batch in member_batches:
+                    await mode.inner_step(batch)
+            group = group_of(ps)
+            outcomes = await asyncio.gather(*(mode.outer_step(group) for mode in modes))
+            assert all(o.result.complete for o in outcomes)
+            samples.append([o.samples for o in outcomes])
+    return models, samples
+
+
 async def test_diloco_equals_a_naive_diloco_reference() -> None:
     n_peers, rounds, inner = 3, 3, 4
     config = TrainConfig(mode="diloco", lr=3e-3, inner_steps=inner, outer_lr=0.7, outer_momentum=0.9)
@@ -106,17 +124,8 @@ async def test_diloco_equals_a_naive_diloco_reference() -> None:
     plan = [[batches(inner - (k == 1) * r, seed=1000 * k + 10 * r) for r in range(n_peers)] for k in range(rounds)]
     reference = reference_diloco(TinyLM(), plan, config)
 
-    async with planes(n_peers) as ps:
-        models = [TinyLM() for _ in ps]
-        modes = make_modes(DiLoCoMode, models, ps, "none", config)
-        for k in range(rounds):
-            for r, mode in enumerate(modes):
-                for batch in plan[k][r]:
-                    await mode.inner_step(batch)
-            group = group_of(ps)
-            outcomes = await asyncio.gather(*(mode.outer_step(group) for mode in modes))
-            assert all(o.result.complete for o in outcomes)
-            assert [o.samples for o in outcomes] == [sum(len(x) for x, _ in plan[k][r]) for r in range(n_peers)]
+    models, samples = await run_diloco(plan, config, "none")
+    assert samples == [[sum(len(x) for x, _ in plan[k][r]) for r in range(n_peers)] for k in range(rounds)]
 
     for model in models[1:]:
         for a, b in zip(trainable(model), trainable(models[0]), strict=True):
@@ -134,16 +143,7 @@ async def test_diloco_int8_keeps_members_identical_and_close_to_the_reference() 
     config = TrainConfig(mode="diloco", lr=3e-3, inner_steps=inner)
     plan = [[batches(inner, seed=7 * k + r) for r in range(n_peers)] for k in range(rounds)]
     reference = reference_diloco(TinyLM(), plan, config)
-    async with planes(n_peers) as ps:
-        models = [TinyLM() for _ in ps]
-        modes = make_modes(DiLoCoMode, models, ps, "int8", config)
-        for k in range(rounds):
-            for r, mode in enumerate(modes):
-                for batch in plan[k][r]:
-                    await mode.inner_step(batch)
-            group = group_of(ps)
-            outcomes = await asyncio.gather(*(mode.outer_step(group) for mode in modes))
-            assert all(o.result.complete for o in outcomes)
+    models, _ = await run_diloco(plan, config, "int8")
     for a, b, want in zip(trainable(models[0]), trainable(models[1]), trainable(reference), strict=True):
         assert torch.equal(a, b)
         # int8 errs on the update (about lr * |delta| / 127 per element), not on the weights themselves.
