@@ -16,10 +16,16 @@ from __future__ import annotations
 
 from legion_swarm.collectives.api import Collectives
 from legion_swarm.collectives.faults import FaultPlan, InjectedCrash
-from legion_swarm.collectives.partition import PartitionPlan, ShardSlice, flatten, plan_partition, unflatten_into
+from legion_swarm.collectives.partition import (
+    PartitionPlan,
+    ShardSlice,
+    flatten,
+    group_plan,
+    plan_partition,
+    unflatten_into,
+)
 from legion_swarm.collectives.reference import reference_all_reduce, weighted_average
 from legion_swarm.collectives.result import RoundResult, faulty_members
-from legion_swarm.collectives.rounds import group_plan
 
 __all__ = [
     "Collectives",

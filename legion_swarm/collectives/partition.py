@@ -32,10 +32,11 @@ from typing import NamedTuple
 import torch
 
 from legion_swarm.errors import ConfigError
+from legion_swarm.groups.info import GroupInfo
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PartitionPlan", "ShardSlice", "flatten", "plan_partition", "unflatten_into"]
+__all__ = ["PartitionPlan", "ShardSlice", "flatten", "group_plan", "plan_partition", "unflatten_into"]
 
 
 class ShardSlice(NamedTuple):
@@ -186,6 +187,13 @@ def plan_partition(
     plan = PartitionPlan(numels=numels, align=align, bounds=bounds)
     logger.debug("partition of %d elements into %d shards: sizes %s", total, n_shards, plan.sizes)
     return plan
+
+
+def group_plan(group: GroupInfo, numels: Sequence[int]) -> PartitionPlan:
+    """The partition a round of ``group`` uses for tensors of ``numels`` elements: rank ``s`` owns shard ``s``,
+    sized by the members' bandwidths. Callers that keep per-shard state (a sharded optimizer) use it to
+    prepare that state before the round starts."""
+    return plan_partition(numels, group.size, [m.bandwidth for m in group.members])
 
 
 def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -45,7 +45,7 @@ from legion_swarm.codecs import Codec, Encoded, ErrorFeedback, decode, from_wire
 from legion_swarm.collectives import wire
 from legion_swarm.collectives.buffers import BufferPool
 from legion_swarm.collectives.faults import FaultInjector, FaultPlan, InjectedCrash
-from legion_swarm.collectives.partition import PartitionPlan, plan_partition
+from legion_swarm.collectives.partition import group_plan
 from legion_swarm.collectives.reference import weighted_average
 from legion_swarm.collectives.result import RoundResult, edge, faulty_members
 from legion_swarm.config import CollectiveConfig
@@ -80,13 +80,6 @@ class _Peer:
     )
     sent_encodings: list[tuple[object, Encoded]] = field(default_factory=list)
     plane: str = "-"
-
-
-def group_plan(group: GroupInfo, numels: Sequence[int]) -> PartitionPlan:
-    """The partition a round of ``group`` uses for tensors of ``numels`` elements: rank ``s`` owns shard ``s``,
-    sized by the members' bandwidths. Callers that keep per-shard state (a sharded optimizer) use it to
-    prepare that state before the round starts."""
-    return plan_partition(numels, group.size, [m.bandwidth for m in group.members])
 
 
 class Round:
