@@ -16,7 +16,7 @@ from tests.conftest import eventually, observer, run_cli
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 # Small and fast on 2 cores: TinyGPT-tiny on the synthetic language, short rounds.
-FAST = ("--model", "tiny", "--data", "dummy", "--batch-size", "4", "--lr", "0.003")
+FAST = ("--model", "tiny", "--data", "dummy", "--batch-size", "4")  # lr 1e-3: 3e-3 spikes the first losses
 
 
 async def test_simulate_trains_and_the_loss_falls() -> None:
@@ -70,7 +70,7 @@ async def test_a_peer_joining_a_running_swarm_syncs_and_holds_identical_paramete
 
 async def test_a_killed_peers_data_shard_is_taken_over(tmp_path) -> None:
     config = tmp_path / "swarm.toml"
-    config.write_text('[data]\nsource = "dummy"\nnum_shards = 3\nbatch_size = 4\n[train]\nmode = "sync"\nlr = 0.003\n')
+    config.write_text('[data]\nsource = "dummy"\nnum_shards = 3\nbatch_size = 4\n[train]\nmode = "sync"\n')
     async with await LocalSwarm.create(
         3, swarm="steal", heartbeat_s=1.0, bootstrap_args=("--config", str(config)), peer_args=("--rounds", "400")
     ) as swarm:
