@@ -100,8 +100,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if meta.get("format") != FORMAT:
         raise SwarmConfigError(f"{path} is not a legion-swarm checkpoint")
     spec = SwarmSpec.from_dict(msgpack.unpackb(base64.b64decode(meta["config"])))
-    pieces = [tensors[name].reshape(-1) for name, _ in _names(spec) if name in tensors]
-    if len(pieces) != len(_names(spec)):
+    names = _names(spec)  # builds the model: once
+    pieces = [tensors[name].reshape(-1) for name, _ in names if name in tensors]
+    if len(pieces) != len(names):
         raise SwarmConfigError(f"checkpoint {path} lacks tensors of its own model")
     flat = np.concatenate(pieces).astype(np.float32)
     if hashlib.sha256(memoryview(flat).cast("B")).hexdigest() != meta["sha256"]:

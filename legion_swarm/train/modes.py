@@ -52,10 +52,6 @@ class RoundOutcome:
         """False if the round declared this peer faulty: its parameters may now differ from the group's."""
         return self.result.rank not in self.result.faulty
 
-    @property
-    def committed(self) -> bool:
-        return bool(self.result.committed)
-
 
 def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """Parameters a swarm averages, in ``model.parameters()`` order (tied weights once)."""

@@ -53,6 +53,14 @@ class StateSlice:
         return StateSlice(start, end, buffers, _clip(self.segments, start, end))
 
 
+@dataclass(frozen=True)
+class Staged:
+    """New state computed for one round, applied by :meth:`ShardState.commit` if the round commits."""
+
+    buffers: dict[str, torch.Tensor]
+    segments: list[Segment]
+
+
 class ShardState:
     """Per-element optimizer buffers for one flat range, plus how many steps each element has taken."""
 
@@ -102,27 +110,23 @@ class ShardState:
 
     def export(self, start: int, end: int) -> StateSlice | None:
         """A copy of the state of ``[start, end)`` if this holds all of it (for the next owner)."""
-        if not (self.start <= start <= end <= self.end):
+        part = StateSlice(self.start, self.end, self.buffers, self.segments).sub(start, end)
+        if part is None:
             return None
-        buffers = {n: b[start - self.start : end - self.start].clone() for n, b in self.buffers.items()}
-        return StateSlice(start, end, buffers, _clip(self.segments, start, end))
+        return StateSlice(start, end, {n: b.clone() for n, b in part.buffers.items()}, part.segments)
 
-    def _per_element(self, fn: Callable[[int], float]) -> torch.Tensor | float:
-        """``fn(step)`` for each element: a float when all elements share a step, else a 1-D tensor."""
-        if len(self.segments) <= 1:
-            return fn(self.segments[0][2] if self.segments else 0)
+    def commit(self, staged: Staged) -> None:
+        """Apply what :meth:`compute` staged (only once the round committed this shard)."""
+        self.buffers, self.segments = staged.buffers, staged.segments
+
+    def _per_element(self, segments: list[Segment], fn: Callable[[int], float]) -> torch.Tensor | float:
+        """``fn(step)`` for each element of ``segments``: a float when all share a step, else a 1-D tensor."""
+        if len(segments) <= 1:
+            return fn(segments[0][2] if segments else 0)
         out = torch.empty(self.numel)
-        for lo, hi, step in self.segments:
+        for lo, hi, step in segments:
             out[lo - self.start : hi - self.start] = fn(step)
         return out
-
-
-@dataclass(frozen=True)
-class Staged:
-    """New state computed for one round, applied by :meth:`ShardState.commit` if the round commits."""
-
-    buffers: dict[str, torch.Tensor]
-    segments: list[Segment]
 
 
 class ShardedAdamW(ShardState):
@@ -147,8 +151,8 @@ class ShardedAdamW(ShardState):
         staged = Staged({"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, segments)
         # The same operations, in the same order, as torch's single-tensor AdamW (the CPU default).
         new = params.mul(1 - self.lr * self.weight_decay)
-        bias1 = self._with(segments, lambda step: 1 - beta1**step)
-        bias2_sqrt = self._with(segments, lambda step: math.sqrt(1 - beta2**step))
+        bias1 = self._per_element(segments, lambda step: 1 - beta1**step)
+        bias2_sqrt = self._per_element(segments, lambda step: math.sqrt(1 - beta2**step))
         denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(self.eps)
         if isinstance(bias1, float):
             new.addcdiv_(exp_avg, denom, value=-(self.lr / bias1))
@@ -156,20 +160,10 @@ class ShardedAdamW(ShardState):
             new.sub_((self.lr / bias1) * (exp_avg / denom))
         return params - new, staged
 
-    def _with(self, segments: list[Segment], fn: Callable[[int], float]) -> torch.Tensor | float:
-        saved, self.segments = self.segments, segments
-        try:
-            return self._per_element(fn)
-        finally:
-            self.segments = saved
-
     def _check(self, params: torch.Tensor, grad: torch.Tensor) -> None:
         for name, t in (("params", params), ("grad", grad)):
             if t.shape != (self.numel,) or t.dtype != torch.float32:
                 raise ValueError(f"{name} must be float32 of shape ({self.numel},), got {t.dtype} {tuple(t.shape)}")
-
-    def commit(self, staged: Staged) -> None:
-        self.buffers, self.segments = staged.buffers, staged.segments
 
 
 class ShardedNesterov(ShardState):
@@ -191,9 +185,6 @@ class ShardedNesterov(ShardState):
         update = grad.add(buf, alpha=self.momentum).mul_(self.lr)
         segments = [(lo, hi, step + 1) for lo, hi, step in self.segments]
         return update, Staged({"momentum": buf}, segments)
-
-    def commit(self, staged: Staged) -> None:
-        self.buffers, self.segments = staged.buffers, staged.segments
 
 
 def _clip(segments: list[Segment], lo: int, hi: int) -> list[Segment]:
