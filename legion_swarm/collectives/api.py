@@ -18,7 +18,7 @@ from legion_swarm.collectives.buffers import BufferPool
 from legion_swarm.collectives.faults import FaultPlan
 from legion_swarm.collectives.partition import PartitionPlan
 from legion_swarm.collectives.result import RoundResult
-from legion_swarm.collectives.rounds import Round, UpdateFn
+from legion_swarm.collectives.rounds import Relay, Round, UpdateFn
 from legion_swarm.config import CollectiveConfig
 from legion_swarm.groups.info import GroupInfo
 from legion_swarm.transport.dataplane import DataPlane
@@ -51,12 +51,20 @@ class Collectives:
     async def sharded_step(
         self, group: GroupInfo, tensors: Sequence[torch.Tensor], update_fn: UpdateFn | None, *,
         weight: float = 1.0, out: Sequence[torch.Tensor] | None = None, faults: FaultPlan | None = None,
+        relay: Relay | None = None, relay_timeout_s: float = 0.0,
     ) -> RoundResult:  # fmt: skip
         """Reduce-scatter ``tensors`` (weighted by ``weight``), let each owner map its averaged shard through
         ``update_fn``, and all-gather the results into ``out`` (default: ``tensors``). Shards that are not
         committed keep their pre-round values in ``out``. If ``update_fn`` keeps state (optimizer moments),
-        it should apply it only for shards in ``result.committed``."""
-        return await self._run(group, tensors, weight, update_fn, out, reduce=True, gather=True, faults=faults)
+        it should apply it only for shards in ``result.committed``.
+
+        Hierarchical rounds: an owner with a ``relay`` awaits it (with its averaged shard and that shard's total
+        weight) instead of calling ``update_fn``; every member of the group passes the same ``relay_timeout_s``,
+        the time an owner may spend in it, which extends the all-gather's deadlines."""
+        return await self._run(
+            group, tensors, weight, update_fn, out, reduce=True, gather=True, faults=faults, relay=relay,
+            relay_timeout_s=relay_timeout_s,
+        )  # fmt: skip
 
     async def all_reduce(
         self, group: GroupInfo, tensors: Sequence[torch.Tensor], *, weight: float = 1.0, faults: FaultPlan | None = None
@@ -79,11 +87,13 @@ class Collectives:
     async def _run(
         self, group: GroupInfo, tensors: Sequence[torch.Tensor], weight: float, update_fn: UpdateFn | None,
         out: Sequence[torch.Tensor] | None, *, reduce: bool, gather: bool, faults: FaultPlan | None,
+        relay: Relay | None = None, relay_timeout_s: float = 0.0,
     ) -> RoundResult:  # fmt: skip
         async with self._one_round_at_a_time:
             round_ = Round(
                 self.plane, group, tensors, config=self.config, weight=weight, update_fn=update_fn, out=out,
                 reduce=reduce, gather=gather, error_feedback=self.error_feedback, faults=faults, buffers=self.buffers,
+                relay=relay, relay_timeout_s=relay_timeout_s,
             )  # fmt: skip
             if self.last_plan is not None and round_.plan.bounds != self.last_plan.bounds:
                 self.error_feedback.reset()  # shards moved: old residuals belong to other elements

@@ -192,8 +192,14 @@ def plan_partition(
 def group_plan(group: GroupInfo, numels: Sequence[int]) -> PartitionPlan:
     """The partition a round of ``group`` uses for tensors of ``numels`` elements: rank ``s`` owns shard ``s``,
     sized by the members' bandwidths. Callers that keep per-shard state (a sharded optimizer) use it to
-    prepare that state before the round starts."""
-    return plan_partition(numels, group.size, [m.bandwidth for m in group.members])
+    prepare that state before the round starts. With ``group.owners`` set, only the first ``owners`` ranks own
+    (equal) shards and the other ranks' shards are empty, at the end of the space."""
+    if group.owners is None:
+        return plan_partition(numels, group.size, [m.bandwidth for m in group.members])
+    owned = plan_partition(numels, group.owners)
+    total = owned.total
+    empty = ((total, total),) * (group.size - group.owners)
+    return PartitionPlan(numels=owned.numels, align=owned.align, bounds=owned.bounds + empty)
 
 
 def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -34,7 +34,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgpack
@@ -60,6 +60,9 @@ logger = logging.getLogger(__name__)
 
 UpdateFn = Callable[[int, torch.Tensor], torch.Tensor]
 """``update_fn(shard, averaged) -> new values``: runs on the owner with its averaged shard (1-D float32)."""
+Relay = Callable[[torch.Tensor, float], Awaitable[torch.Tensor]]
+"""``await relay(averaged, weight) -> new values``: instead of ``update_fn``, the owner hands its averaged shard
+and the weight behind it on (a hierarchical round averages it across groups) and sends what comes back."""
 
 _GRACE_S = 1.0  # past the last phase deadline, before a round is declared hung
 
@@ -89,8 +92,10 @@ class Round:
         self, plane: DataPlane, group: GroupInfo, tensors: Sequence[torch.Tensor], *, config: CollectiveConfig,
         weight: float, update_fn: UpdateFn | None, out: Sequence[torch.Tensor] | None, reduce: bool, gather: bool,
         error_feedback: ErrorFeedback | None, faults: FaultPlan | None, buffers: BufferPool | None = None,
+        relay: Relay | None = None, relay_timeout_s: float = 0.0,
     ):  # fmt: skip
         self.plane, self.group, self.config = plane, group, config
+        self.relay, self.relay_timeout_s = relay, relay_timeout_s
         self.rank = group.rank_of(plane.identity.peer_id)
         self.tensors = list(tensors)
         self.out = self.tensors if out is None else list(out)
@@ -135,7 +140,8 @@ class Round:
         self.t0 = t = loop.time()
         c = self.config
         for phase, length in (
-            ("connect", c.connect_timeout_s), ("reduce", c.reduce_timeout_s), ("gather", c.gather_timeout_s),
+            ("connect", c.connect_timeout_s), ("reduce", c.reduce_timeout_s),
+            ("gather", c.gather_timeout_s + self.relay_timeout_s),
             ("vote1", c.commit_timeout_s / 2), ("vote2", c.commit_timeout_s / 2),
         ):  # fmt: skip
             t += length
@@ -169,7 +175,11 @@ class Round:
     async def _coordinate(self) -> None:
         await self._wait_all("reduce")
         self._mark("reduce_scatter")
-        self._reduce_own_shard()
+        averaged = self._reduce_own_shard()
+        if averaged is not None and self.relay is not None and averaged.numel():
+            averaged = await self.relay(averaged, self.my_result_weight)
+            self._mark("relay")
+        self._finish_own_shard(averaged)
         self._mark("update")
         self.send_garbage = await self._hook("after_reduce") == "garbage"
         self.result_ready.set()
@@ -450,7 +460,10 @@ class Round:
         result we already had): allow 4 s. Shorter windows let an honest member exclude honest peers that
         are merely waiting out a faulty one, and then survivors would no longer agree."""
         remaining = self.deadline[phase] - asyncio.get_running_loop().time()
-        return max(0.0, min(self.config.stall_timeout_s * boundary, remaining))
+        allowed = self.config.stall_timeout_s * boundary
+        if phase == "gather" and boundary == 2:
+            allowed += self.relay_timeout_s  # the owner averages its shard across groups before sending it
+        return max(0.0, min(allowed, remaining))
 
     # ------------------------------------------------------------------------------------------ compute
 
@@ -462,7 +475,8 @@ class Round:
             return self.tensors[piece.tensor].detach().reshape(-1)[piece.start : piece.end]
         return self.plan.extract(self.tensors, shard)
 
-    def _reduce_own_shard(self) -> None:
+    def _reduce_own_shard(self) -> torch.Tensor | None:
+        """The weighted average of the contributions to my shard (None for an all-gather alone)."""
         own = self._shard_data(self.rank)
         if self.reduce:
             contributions = [(own, self.weight)]
@@ -479,12 +493,18 @@ class Round:
             )
             self.my_contributors = tuple(sorted(ranks))
             self.my_result_weight = float(sum(w for _, w in contributions))
-            result = averaged if self.update_fn is None else self.update_fn(self.rank, averaged)
+            return averaged
+        return None
+
+    def _finish_own_shard(self, averaged: torch.Tensor | None) -> None:
+        """Apply ``update_fn`` to my averaged shard and encode the result for the all-gather."""
+        if averaged is not None:
+            result = averaged if self.update_fn is None or self.relay else self.update_fn(self.rank, averaged)
             if not (isinstance(result, torch.Tensor) and result.shape == averaged.shape):
                 raise TypeError(f"update_fn must return a tensor of shape {tuple(averaged.shape)}")
             result = result.detach().to(torch.float32)
         else:
-            result = own.clone()
+            result = self._shard_data(self.rank).clone()
         if self.gather:
             # Encode once for every receiver, and keep the decoded value: the owner holds the same bits.
             lossless = self.gather_codec.lossless

@@ -59,6 +59,10 @@ class GroupInfo:
     round_id: bytes
     """Unique per round and identical on every member (e.g. a hash of swarm, step and member list)."""
     members: tuple[GroupMember, ...]
+    owners: int | None = None
+    """How many ranks own a shard: ranks ``0 .. owners-1`` split the space evenly, the others only contribute
+    (their shards are empty). ``None``: every member owns a shard, sized by bandwidth. Groups of one swarm-wide
+    round use the same count, so shard ``s`` covers the same elements in every group (see :mod:`.layout`)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.round_id, bytes) or not 1 <= len(self.round_id) <= MAX_ROUND_ID_BYTES:
@@ -68,6 +72,8 @@ class GroupInfo:
         ids = [m.peer_id for m in self.members]
         if len(set(ids)) != len(ids):
             raise ConfigError("a peer appears twice in the group")
+        if self.owners is not None and (type(self.owners) is not int or not 1 <= self.owners <= len(self.members)):
+            raise ConfigError(f"owners must be an int in [1, {len(self.members)}], got {self.owners!r}")
 
     @property
     def size(self) -> int:
@@ -82,6 +88,6 @@ class GroupInfo:
 
     @cached_property
     def digest(self) -> bytes:
-        """SHA-256 over everything that shapes the round: round id, members in order and their bandwidths."""
-        body = [self.round_id, [[m.peer_id, float(m.bandwidth)] for m in self.members]]
+        """SHA-256 over everything that shapes the round: round id, members in order, their bandwidths, owners."""
+        body = [self.round_id, [[m.peer_id, float(m.bandwidth)] for m in self.members], self.owners]
         return hashlib.sha256(msgpack.packb(body)).digest()

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from legion_swarm.collectives import Collectives, FaultPlan, RoundResult, group_plan
+from legion_swarm.collectives.rounds import Relay
 from legion_swarm.config import TrainConfig
 from legion_swarm.groups.info import GroupInfo
+from legion_swarm.groups.layout import Layout
 from legion_swarm.train.optim import ShardedAdamW, ShardedNesterov, ShardState, Staged, StateSlice
 
 logger = logging.getLogger(__name__)
@@ -76,18 +78,22 @@ class _ShardedMode:
     def __init__(self, model: torch.nn.Module, collectives: Collectives, optimizer: ShardState) -> None:
         self.model = model
         self.collectives = collectives
+        self.cross = Collectives(collectives.plane, collectives.config)
+        """The column rounds of hierarchical rounds (their own residuals and buffers: other shards, other peers)."""
         self.params = trainable(model)
         self.numels = [p.numel() for p in self.params]
         self.optimizer = optimizer
         self.updates = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in self.params]
+        self.column_results: list[RoundResult] = []
+        """Results of the column rounds this peer took part in (hierarchical rounds; the caller may clear it)."""
 
     @property
     def peer_id(self) -> str:
         return self.collectives.plane.identity.peer_id
 
-    def my_range(self, group: GroupInfo) -> tuple[int, int]:
-        """The flat range this peer owns in a round of ``group``."""
-        return group_plan(group, self.numels).bounds[group.rank_of(self.peer_id)]
+    def my_range(self, layout: GroupInfo | Layout) -> tuple[int, int]:
+        """The flat range whose optimizer state this peer keeps in a round of ``layout`` (or of one group)."""
+        return _as_layout(layout).owned_range(self.peer_id, self.numels)
 
     def state_tensors(self) -> list[torch.Tensor]:
         """What every member of a group holds bit-identically between rounds, and what donors serve."""
@@ -104,17 +110,20 @@ class _ShardedMode:
                 for p, t in zip(self.params, self.state_tensors(), strict=True):
                     p.copy_(t)
 
-    def prepare(self, group: GroupInfo, handed: Sequence[StateSlice] = ()) -> int:
-        """Move the sharded optimizer state to this peer's shard of ``group``'s partition."""
-        return self.optimizer.rebase(*self.my_range(group), handed)
+    def prepare(self, layout: GroupInfo | Layout, handed: Sequence[StateSlice] = ()) -> int:
+        """Move the sharded optimizer state to the range this peer keeps in a round of ``layout``."""
+        return self.optimizer.rebase(*self.my_range(layout), handed)
 
     async def _sharded_round(
-        self, group: GroupInfo, contributions: Sequence[torch.Tensor], start: Sequence[torch.Tensor],
+        self, layout: GroupInfo | Layout, contributions: Sequence[torch.Tensor], start: Sequence[torch.Tensor],
         weight: float, handed: Sequence[StateSlice], faults: FaultPlan | None,
     ) -> tuple[RoundResult, int]:  # fmt: skip
         """Average ``contributions``; the owner turns its shard of ``start`` into an update; then
-        ``start -= update`` on every member for the committed shards."""
-        fresh = self.prepare(group, handed)
+        ``start -= update`` on every member for the committed shards. With several groups, each owner first
+        averages its group's shard across groups in its column, where the optimizer step happens."""
+        layout = _as_layout(layout)
+        fresh = self.prepare(layout, handed)
+        group = layout.group_of(self.peer_id)
         plan = group_plan(group, self.numels)
         staged: dict[int, Staged] = {}
 
@@ -122,17 +131,52 @@ class _ShardedMode:
             update, staged[shard] = self.optimizer.compute(plan.extract(start, shard), averaged)
             return update
 
+        rank = group.rank_of(self.peer_id)
+        relay = None
+        if layout.hierarchical and rank < layout.owners:
+            relay = self._column_relay(layout.column(rank), plan.extract(start, rank))
         for u in self.updates:
             u.zero_()
         result = await self.collectives.sharded_step(
-            group, contributions, update_fn, weight=max(weight, MIN_WEIGHT), out=self.updates, faults=faults
-        )
-        if result.rank in result.committed and result.rank in staged:
+            group, contributions, None if layout.hierarchical else update_fn, weight=max(weight, MIN_WEIGHT),
+            out=self.updates, faults=faults, relay=relay,
+            relay_timeout_s=self.relay_timeout_s if layout.hierarchical else 0.0,
+        )  # fmt: skip
+        if not layout.hierarchical and result.rank in result.committed and result.rank in staged:
             self.optimizer.commit(staged[result.rank])
         with torch.no_grad():
             for s, u in zip(start, self.updates, strict=True):
                 s.sub_(u)
         return result, fresh
+
+    @property
+    def relay_timeout_s(self) -> float:
+        """How long an owner may spend in its column round: that round's deadline plus a second of grace."""
+        return self.cross.config.round_timeout_s + 1.0
+
+    def _column_relay(self, column: GroupInfo, start_shard: torch.Tensor) -> Relay:
+        """The owner's part of a hierarchical round: a sharded step among the owners of the same shard in every
+        group, on the group's averaged shard weighted by the samples behind it. Each column member steps the
+        optimizer on its piece; the column all-gathers the updates, and a piece the column does not commit
+        gets a zero update on every column member, so all groups stay bit-identical."""
+        piece_plan = group_plan(column, [start_shard.numel()])
+
+        async def relay(averaged: torch.Tensor, weight: float) -> torch.Tensor:
+            staged: dict[int, Staged] = {}
+
+            def update_fn(piece: int, piece_average: torch.Tensor) -> torch.Tensor:
+                lo, hi = piece_plan.bounds[piece]
+                update, staged[piece] = self.optimizer.compute(start_shard[lo:hi], piece_average)
+                return update
+
+            update = torch.zeros_like(averaged)
+            result = await self.cross.sharded_step(column, [averaged], update_fn, weight=weight, out=[update])
+            if result.rank in result.committed and result.rank in staged:
+                self.optimizer.commit(staged[result.rank])
+            self.column_results.append(result)
+            return update
+
+        return relay
 
 
 class SyncMode(_ShardedMode):
@@ -154,7 +198,7 @@ class SyncMode(_ShardedMode):
         return loss
 
     async def sync(
-        self, group: GroupInfo, *, handed: Sequence[StateSlice] = (), faults: FaultPlan | None = None
+        self, group: GroupInfo | Layout, *, handed: Sequence[StateSlice] = (), faults: FaultPlan | None = None
     ) -> RoundOutcome:
         """Average the gradients of :meth:`backward` across ``group`` and step."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
@@ -162,7 +206,12 @@ class SyncMode(_ShardedMode):
         return RoundOutcome(result, self.samples, fresh)
 
     async def step(
-        self, group: GroupInfo, batch: Batch, *, handed: Sequence[StateSlice] = (), faults: FaultPlan | None = None
+        self,
+        group: GroupInfo | Layout,
+        batch: Batch,
+        *,
+        handed: Sequence[StateSlice] = (),
+        faults: FaultPlan | None = None,
     ) -> tuple[RoundOutcome, float]:
         """:meth:`backward` then :meth:`sync`; returns the outcome and this peer's loss on ``batch``."""
         loss = await self.backward(batch)
@@ -203,7 +252,7 @@ class DiLoCoMode(_ShardedMode):
         return loss
 
     async def outer_step(
-        self, group: GroupInfo, *, handed: Sequence[StateSlice] = (), faults: FaultPlan | None = None
+        self, group: GroupInfo | Layout, *, handed: Sequence[StateSlice] = (), faults: FaultPlan | None = None
     ) -> RoundOutcome:
         """Average how far each member moved since the anchor; the owners' Nesterov step moves the anchor;
         everyone continues from the new anchor."""
@@ -215,3 +264,7 @@ class DiLoCoMode(_ShardedMode):
                 p.copy_(a)
         self.samples = self.inner_steps = 0
         return RoundOutcome(result, samples, fresh)
+
+
+def _as_layout(layout: GroupInfo | Layout) -> Layout:
+    return layout if isinstance(layout, Layout) else Layout.single(layout)
