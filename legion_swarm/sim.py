@@ -3,6 +3,10 @@
 Used by ``legion-swarm simulate``, the integration tests and the notebooks. Every process is started as
 ``python -m legion_swarm ...`` on 127.0.0.1 with port 0, and :meth:`LocalSwarm.aclose` reaps every one of
 them and their ``p2pd`` daemons (SIGTERM, then SIGKILL after a grace period), whatever state they are in.
+
+With a :class:`NetSimSpec`, the swarm runs under injected latency and bandwidth
+(:mod:`legion_swarm.transport.netsim`): peer ids must be known before the processes start, so the swarm makes
+their key files and the NetSim JSON in a temporary directory, which :meth:`LocalSwarm.aclose` removes.
 """
 
 from __future__ import annotations
@@ -13,12 +17,16 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
 from collections import deque
 from dataclasses import dataclass, field
 
 from legion_swarm.errors import NetworkError
+from legion_swarm.transport.identity import Identity
+from legion_swarm.transport.netsim import NetSim
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +173,28 @@ async def stop_process(peer: PeerProcess, *, sig: int = signal.SIGTERM, grace: f
     return peer.proc.returncode
 
 
+@dataclass(frozen=True, kw_only=True)
+class NetSimSpec:
+    """Network conditions of a :class:`LocalSwarm`, which spreads its processes over the regions in turn: the
+    bootstrap in ``r0``, peer ``i`` in ``r{(i + 1) % regions}``."""
+
+    regions: int = 1
+    """Number of regions the processes are spread over, in turn."""
+    rtt_across_ms: float = 100.0
+    """Round-trip time between two regions (ms)."""
+    rtt_inside_ms: float = 5.0
+    """Round-trip time inside a region (ms)."""
+    bandwidth_mbit: float | None = None
+    """Mbit/s per direction per peer pair; ``None``: unlimited."""
+
+    def build(self, peer_ids: list[str]) -> NetSim:
+        """The NetSim of these peers (bootstrap first); :class:`ConfigError` for a bad value."""
+        return NetSim.round_robin(
+            peer_ids, self.regions, rtt_across_ms=self.rtt_across_ms, rtt_inside_ms=self.rtt_inside_ms,
+            bandwidth_mbit=self.bandwidth_mbit,
+        )  # fmt: skip
+
+
 class LocalSwarm:
     """A bootstrap node plus peers as processes on 127.0.0.1. Build with :meth:`create`, end with :meth:`aclose`."""
 
@@ -182,7 +212,12 @@ class LocalSwarm:
         self.bootstrap: PeerProcess | None = None
         self.peers: list[PeerProcess] = []
         self.retired: list[PeerProcess] = []
+        self.netsim: NetSim | None = None
+        """The injected network conditions (:meth:`use_netsim`); every process gets them."""
         self._started = 0
+        self._netsim_dir: str | None = None
+        self._netsim_path: str | None = None
+        self._keys: deque[str] = deque()  # pre-made identities of the NetSim, for the next add_peer calls
 
     @classmethod
     async def create(
@@ -195,9 +230,13 @@ class LocalSwarm:
         bootstrap_identity: str | None = None,
         bootstrap_args: tuple[str, ...] = (),
         peer_args: tuple[str, ...] = (),
+        netsim: NetSimSpec | None = None,
     ) -> LocalSwarm:
+        """Start a bootstrap node and ``n_peers`` peers; with ``netsim``, under those network conditions."""
         self = cls(swarm, heartbeat_s, extra_args, bootstrap_args, peer_args)
         try:
+            if netsim is not None:
+                bootstrap_identity = self.use_netsim(netsim, n_peers, bootstrap_identity=bootstrap_identity)
             await self.start_bootstrap(identity=bootstrap_identity)
             await asyncio.gather(*(self.add_peer() for _ in range(n_peers)))
         except BaseException:
@@ -205,8 +244,31 @@ class LocalSwarm:
             raise
         return self
 
+    def use_netsim(self, spec: NetSimSpec, n_peers: int, *, bootstrap_identity: str | None = None) -> str:
+        """Before any process starts: make key files for the bootstrap (unless ``bootstrap_identity``) and the
+        next ``n_peers`` :meth:`add_peer` calls, and the NetSim JSON of their peer ids that every process gets.
+        Returns the bootstrap's key file."""
+        if self._netsim_dir is not None or self.bootstrap is not None:
+            raise RuntimeError("use_netsim must be called once, before the swarm starts")
+        self._netsim_dir = tempfile.mkdtemp(prefix="legion-netsim-")
+        if bootstrap_identity is None:
+            bootstrap_identity = os.path.join(self._netsim_dir, "bootstrap.key")
+        peer_ids = [Identity.load_or_create(bootstrap_identity).peer_id]
+        for i in range(n_peers):
+            path = os.path.join(self._netsim_dir, f"peer{i}.key")
+            identity = Identity.generate()
+            identity.save(path)
+            peer_ids.append(identity.peer_id)
+            self._keys.append(path)
+        self.netsim = spec.build(peer_ids)
+        self._netsim_path = os.path.join(self._netsim_dir, "netsim.json")
+        with open(self._netsim_path, "w", encoding="utf-8") as f:
+            f.write(self.netsim.to_json())
+        return bootstrap_identity
+
     def _common(self) -> list[str]:
-        return ["--host", "127.0.0.1", "--port", "0", "--heartbeat", str(self.heartbeat_s), *self.extra_args]
+        netsim = ["--netsim", self._netsim_path] if self._netsim_path is not None else []
+        return ["--host", "127.0.0.1", "--port", "0", "--heartbeat", str(self.heartbeat_s), *netsim, *self.extra_args]
 
     async def start_bootstrap(self, *, identity: str | None = None) -> PeerProcess:
         argv = ["bootstrap", "--swarm", self.swarm, *self._common(), *self.bootstrap_args]
@@ -219,7 +281,7 @@ class LocalSwarm:
         self, *, entry: str | None = None, identity: str | None = None, args: tuple[str, ...] | None = None
     ) -> PeerProcess:
         """Start one more ``join`` process through ``entry`` (default: the bootstrap's address), with ``args``
-        instead of the swarm's ``peer_args`` if given."""
+        instead of the swarm's ``peer_args`` if given. ``identity`` defaults to the next key of the NetSim, if any."""
         if entry is None:
             assert self.bootstrap is not None
             entry = self.bootstrap.maddr
@@ -232,6 +294,8 @@ class LocalSwarm:
             *self._common(),
             *(self.peer_args if args is None else args),
         ]
+        if identity is None and self._keys:
+            identity = self._keys.popleft()  # before awaiting, like the name: peer i gets key i
         if identity:
             argv += ["--identity", identity]
         name = f"peer{self._started}"  # counted before awaiting: peers are often started concurrently
@@ -254,11 +318,15 @@ class LocalSwarm:
             self.retired.append(peer)
 
     async def aclose(self) -> None:
-        """Stop every process (peers first, then the bootstrap) and reap every daemon."""
-        procs = [*self.peers, *self.retired]
-        await asyncio.gather(*(stop_process(p) for p in procs), return_exceptions=True)
-        if self.bootstrap is not None:
-            await stop_process(self.bootstrap)
+        """Stop every process (peers first, then the bootstrap), reap every daemon, remove the NetSim's files."""
+        try:
+            procs = [*self.peers, *self.retired]
+            await asyncio.gather(*(stop_process(p) for p in procs), return_exceptions=True)
+            if self.bootstrap is not None:
+                await stop_process(self.bootstrap)
+        finally:
+            if self._netsim_dir is not None:
+                shutil.rmtree(self._netsim_dir, ignore_errors=True)
 
     async def __aenter__(self) -> LocalSwarm:
         return self

@@ -13,6 +13,9 @@ no endpoint or cannot be dialled; a peer found unreachable directly is not diall
 and the accepting side hands the channel to whoever :meth:`DataPlane.expect` s that key. A channel may
 arrive before the local side expects it (its peer started the round first): it waits, a bounded number
 for a bounded time, then is closed.
+
+Both planes go through the host's :class:`~legion_swarm.transport.netsim.Shaper` when it injects network
+conditions (``HostConfig.netsim``): the stream plane inside :class:`Host`, the direct plane in the handshake.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any, Protocol
 from legion_swarm.errors import NetworkError, ProtocolError
 from legion_swarm.transport.host import Host
 from legion_swarm.transport.identity import Identity, short_peer_id
+from legion_swarm.transport.netsim import NetSim, Shaper
 from legion_swarm.transport.p2p_stream import StreamChannel, open_stream_channel
 from legion_swarm.transport.record_layer import BytesLike
 from legion_swarm.transport.secure import secure_accept, secure_connect
@@ -83,9 +87,11 @@ class Inbox:
 class DataPlane:
     """Opens and accepts data channels for this peer. Build with :meth:`create`, release with :meth:`aclose`."""
 
-    def __init__(self, identity: Identity, host: Host | None, tag: str) -> None:
+    def __init__(self, identity: Identity, host: Host | None, tag: str, shaper: Shaper | None = None) -> None:
         self.identity = identity
         self.host = host
+        self.shaper = shaper
+        """Delays our side of direct channels (netsim); ``None``: no injection."""
         self.endpoint: tuple[str, int] | None = None
         """``(ip, port)`` other peers dial for the direct plane; ``None`` if this peer serves no direct plane."""
         self._tag = tag
@@ -100,12 +106,13 @@ class DataPlane:
     @classmethod
     async def create(
         cls, identity: Identity, *, host: Host | None = None, listen: str | None = "127.0.0.1", port: int = 0,
-        advertise: str | None = None, handshake_timeout_s: float = 5.0,
+        advertise: str | None = None, handshake_timeout_s: float = 5.0, netsim: NetSim | None = None,
     ) -> DataPlane:  # fmt: skip
         """Start serving: a direct-TCP listener on ``listen:port`` (none if ``listen`` is None) and, given a
         ``host``, the libp2p stream handler. ``advertise`` is the IP peers should dial (default: ``listen``,
-        or 127.0.0.1 for a wildcard listen address)."""
-        plane = cls(identity, host, f"[{short_peer_id(identity.peer_id)}]")
+        or 127.0.0.1 for a wildcard listen address). ``netsim`` delays direct channels (default: the host's)."""
+        shaper = Shaper(netsim, identity.peer_id) if netsim is not None else host.shaper if host is not None else None
+        plane = cls(identity, host, f"[{short_peer_id(identity.peer_id)}]", shaper)
         plane._handshake_timeout = handshake_timeout_s
         try:
             if listen is not None:
@@ -144,7 +151,7 @@ class DataPlane:
             # With a fallback available, leave it half of the budget.
             budget = timeout / 2 if plane == "auto" and self.host is not None else timeout
             try:
-                channel = await secure_connect(direct[0], direct[1], self.identity, peer_id, budget)
+                channel = await secure_connect(direct[0], direct[1], self.identity, peer_id, budget, shaper=self.shaper)
             except (TimeoutError, OSError, NetworkError) as e:
                 self._direct_failed[peer_id] = time.monotonic()
                 errors.append(f"direct {direct[0]}:{direct[1]}: {e!r}")
@@ -228,7 +235,9 @@ class DataPlane:
         assert task is not None
         self._tasks.add(task)
         try:
-            channel = await secure_accept(reader, writer, self.identity, lambda peer_id: True, self._handshake_timeout)
+            channel = await secure_accept(
+                reader, writer, self.identity, lambda peer_id: True, self._handshake_timeout, shaper=self.shaper
+            )
             await self._admit(channel)
         except (TimeoutError, NetworkError, OSError) as e:
             logger.info("%s refused a direct connection: %r", self._tag, e)

@@ -6,7 +6,8 @@ Guarantees on top of ``P2P.create``:
   without ``identity_path`` a fresh key lives in a private temporary file only while the daemon starts;
 - the daemon dies with this process even on SIGKILL (``PR_SET_PDEATHSIG``), never left as an orphan;
 - TCP only (QUIC loses data in hivemind's streaming handlers, see DESIGN.md);
-- daemon start-up failures become :mod:`legion_swarm.errors` exceptions with one-line messages.
+- daemon start-up failures become :mod:`legion_swarm.errors` exceptions with one-line messages;
+- with ``HostConfig.netsim``, every stream it opens or accepts is delayed per :mod:`~legion_swarm.transport.netsim`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from legion_swarm.config import HostConfig
 from legion_swarm.errors import AddressInUseError, NetworkError, PeerUnreachableError, ProtocolError
-from legion_swarm.transport.identity import Identity, short_peer_id
+from legion_swarm.transport.identity import Identity, decode_key_message, short_peer_id
+from legion_swarm.transport.netsim import NetSim, Shaper
 
 logger = logging.getLogger(__name__)
 
@@ -99,17 +101,22 @@ def _translate(error: Exception, config: HostConfig) -> Exception:
 class Host:
     """A running ``p2pd`` with our identity. Build with :meth:`create`, release with :meth:`aclose`."""
 
-    def __init__(self, p2p: P2P, identity: Identity, config: HostConfig):
+    def __init__(self, p2p: P2P, identity: Identity, config: HostConfig, netsim: NetSim | None = None):
         self.p2p = p2p
         self.identity = identity
         self.config = config
         self.peer_id: str = identity.peer_id
+        self.netsim = netsim
+        """Injected network conditions (``HostConfig.netsim``); ``None``: none, and no stream is wrapped."""
+        self.shaper = Shaper(netsim, self.peer_id) if netsim is not None else None
+        """Delays this peer's outgoing streams per :attr:`netsim` (shared with its data plane); ``None`` without."""
         self._closed = False
 
     @classmethod
     async def create(cls, config: HostConfig, identity: Identity | None = None) -> Host:
         """Start the daemon. ``identity`` defaults to the config's key file, or a fresh key."""
         _install_pdeathsig_hook()
+        netsim = NetSim.load(config.netsim) if config.netsim is not None else None  # a bad file: before any daemon
         user_key_file = identity is None and config.identity_path is not None
         if identity is None:
             identity = Identity.load_or_create(config.identity_path) if config.identity_path else Identity.generate()
@@ -131,8 +138,10 @@ class Host:
                     dht_mode="client" if config.client_mode else "server",
                     startup_timeout=config.startup_timeout_s,
                     # A key held only by this process cannot be in use elsewhere; a user's key file can
-                    # (the same file given to two peers), which hivemind detects by dialling it.
-                    check_if_identity_free=user_key_file,
+                    # (the same file given to two peers), which hivemind detects by dialling it. Its check reads
+                    # the file as an RSA key (libp2p key type 0) and raises on anything else, such as the Ed25519
+                    # keys we create by default: those skip it.
+                    check_if_identity_free=user_key_file and decode_key_message(identity.public_key)[0] == 0,
                     nat_port_map=config.upnp,
                 )
             except BaseException as e:
@@ -145,8 +154,11 @@ class Host:
         if p2p.peer_id.to_base58() != identity.peer_id:
             await p2p.shutdown()
             raise NetworkError("p2pd reports a different peer id than our identity file (corrupt key?)")
-        host = cls(p2p, identity, config)
+        host = cls(p2p, identity, config, netsim)
         logger.debug("[%s] p2pd started (pid %s)", host.short_id, host.daemon_pid)
+        if netsim is not None:
+            region = netsim.regions.get(host.peer_id)
+            logger.info("[%s] netsim from %s: region %s", host.short_id, config.netsim, region or "none (no delay)")
         return host
 
     @property
@@ -216,6 +228,14 @@ class Host:
         return reader, writer
 
     async def add_stream_handler(self, name: str, handler: Callable[..., Any]) -> None:
+        """Serve ``name``: ``handler(stream_info, reader, writer)`` runs for every stream a peer opens to it."""
+        shaper = self.shaper
+        if shaper is not None:
+            serve = handler
+
+            async def handler(stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                await serve(stream_info, reader, shaper.wrap(writer, stream_info.peer_id.to_base58()))
+
         await self.p2p.add_binary_stream_handler(name, handler)
 
     async def open_stream(self, peer_id: str, protocol: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -229,7 +249,7 @@ class Host:
             streamOpen=p2pd_pb2.StreamOpenRequest(peer=PeerID.from_base58(peer_id).to_bytes(), proto=[protocol]),
         )
         try:
-            return await self.daemon_request(request)
+            reader, writer = await self.daemon_request(request)
         except P2PDaemonError as e:
             reason = str(e).removeprefix("Connect failed. msg=")
             failure = f"cannot open {protocol} to {short_peer_id(peer_id)}: {reason}"
@@ -238,6 +258,9 @@ class Host:
             raise PeerUnreachableError(failure) from None
         except (asyncio.IncompleteReadError, ConnectionError) as e:
             raise PeerUnreachableError(f"p2pd connection failed while opening {protocol}: {e!r}") from None
+        if self.shaper is not None:
+            writer = self.shaper.wrap(writer, peer_id)
+        return reader, writer
 
     async def aclose(self) -> None:
         """Stop the daemon and wait for it to exit (idempotent)."""

@@ -57,6 +57,7 @@ from legion_swarm.errors import AuthenticationError, ChannelClosedError, Network
 from legion_swarm.transport.channel import MessageChannel, Receive
 from legion_swarm.transport.framing import pack_message, read_message, write_message
 from legion_swarm.transport.identity import Identity, peer_id_of, short_peer_id, verify
+from legion_swarm.transport.netsim import Shaper
 from legion_swarm.transport.record_layer import (
     FLAG_CLOSE,
     FLAG_END,
@@ -261,9 +262,11 @@ class SecureChannel(MessageChannel[_Receive]):
 
 
 async def secure_connect(
-    host: str, port: int, identity: Identity, expected_peer_id: str, timeout: float
+    host: str, port: int, identity: Identity, expected_peer_id: str, timeout: float, *, shaper: Shaper | None = None
 ) -> SecureChannel:
     """Connect to ``host:port`` and authenticate it as ``expected_peer_id`` within ``timeout`` seconds.
+
+    ``shaper`` (netsim) delays what we send, from our first handshake message on.
 
     Raises :class:`AuthenticationError` if it is someone else or refuses us, ``ProtocolError`` on a
     malformed handshake, ``asyncio.TimeoutError`` past ``timeout``, ``OSError`` if the connection fails."""
@@ -271,7 +274,8 @@ async def secure_connect(
     async def connect() -> SecureChannel:
         reader, writer = await asyncio.open_connection(host, port)
         try:
-            return await _initiate(reader, writer, identity, expected_peer_id)
+            wrapped = shaper.wrap(writer, expected_peer_id) if shaper is not None else writer
+            return await _initiate(reader, wrapped, identity, expected_peer_id)
         except BaseException:
             writer.transport.abort()
             raise
@@ -281,14 +285,15 @@ async def secure_connect(
 
 async def secure_accept(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, identity: Identity,
-    authorize: Callable[[str], bool], timeout: float,
+    authorize: Callable[[str], bool], timeout: float, *, shaper: Shaper | None = None,
 ) -> SecureChannel:  # fmt: skip
     """Run the responder's handshake on an accepted connection; the channel owns the streams from now on.
 
     ``authorize(peer_id)`` decides whether the (claimed, then verified) initiator may connect. On any
-    failure the connection is closed and the error raised, as for :func:`secure_connect`."""
+    failure the connection is closed and the error raised, as for :func:`secure_connect`. ``shaper`` (netsim)
+    delays what we send once the initiator has named itself."""
     try:
-        return await asyncio.wait_for(_respond(reader, writer, identity, authorize), timeout)
+        return await asyncio.wait_for(_respond(reader, writer, identity, authorize, shaper), timeout)
     except BaseException:
         writer.transport.abort()
         raise
@@ -331,8 +336,9 @@ async def _initiate(
 
 
 async def _respond(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, identity: Identity, authorize: Callable[[str], bool]
-) -> SecureChannel:
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, identity: Identity, authorize: Callable[[str], bool],
+    shaper: Shaper | None,
+) -> SecureChannel:  # fmt: skip
     hello = await _read_handshake(reader, "initiator", version=False)
     if hello.get("v") != PROTOCOL:
         await _refuse(writer, f"unsupported protocol {hello.get('v')!r}, this peer speaks {PROTOCOL}")
@@ -344,6 +350,8 @@ async def _respond(
     if not authorize(their_id):  # before our signature: unauthorized peers cost us no private-key work
         await _refuse(writer, "not authorized")
         raise AuthenticationError(f"peer {their_id} is not authorized")
+    if shaper is not None:
+        writer = shaper.wrap(writer, their_id)
 
     ephemeral, nonce = X25519PrivateKey.generate(), os.urandom(_NONCE_BYTES)
     my_ephemeral = ephemeral.public_key().public_bytes_raw()
