@@ -1,15 +1,25 @@
-"""How the CLI shows a swarm: a rich table with a summary line, or one JSON object."""
+"""How the CLI shows a swarm: a rich table with a summary line (plus a table of its groups), or one JSON object.
+
+RTTs come from the swarm's RTT records (``Rtts``: prober peer id -> {measured peer id -> median RTT in ms}, as
+:meth:`~legion_swarm.peer.SwarmPeer.rtts` returns them); every function here is pure.
+"""
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Mapping
 from typing import Any
 
+from rich.console import Group, RenderableType
 from rich.table import Table
 
+from legion_swarm.groups.clustering import intra_group_rtt
+from legion_swarm.groups.probe import rtt_matrix
 from legion_swarm.peer import Member, SwarmView
 from legion_swarm.transport.identity import short_peer_id
 
 _DASH = "—"
+Rtts = Mapping[str, Mapping[str, float]]
 
 
 def _fmt(value: float | int | None, spec: str) -> str:
@@ -42,6 +52,89 @@ def _addr(member: Member) -> str:
     return addrs[0] if len(addrs) == 1 else f"{addrs[0]} (+{len(addrs) - 1})"
 
 
+def _ms(value: float | None) -> str:
+    if value is None:
+        return _DASH
+    return f"{value:.1f} ms" if value < 100 else f"{value:,.0f} ms"
+
+
+def rtt_summary(measured: Mapping[str, float] | None) -> tuple[float, int] | None:
+    """(median of a peer's published RTT medians in ms, how many peers it measured), None if it published none."""
+    if not measured:
+        return None
+    return statistics.median(measured.values()), len(measured)
+
+
+def _rtt_cell(measured: Mapping[str, float] | None) -> str:
+    found = rtt_summary(measured)
+    return _DASH if found is None else f"{_ms(found[0])} ({found[1]})"
+
+
+def group_summaries(view: SwarmView, rtts: Rtts) -> tuple[list[dict[str, Any]], list[str]]:
+    """The members grouped by their record's ``group`` field, and the peer ids of those with none.
+
+    Each group: ``group`` (its name), ``members`` (sorted peer ids), ``median_rtt_ms`` (median over its member
+    pairs, measured or estimated from the RTT records as the clustering does; None if no pair of it was measured;
+    0.0 for a one-peer group), ``pairs`` and ``measured_pairs``. Groups are sorted by name.
+    """
+    by_group: dict[str, list[str]] = {}
+    ungrouped = []
+    for member in view.members:
+        r = member.record
+        if r.group:
+            by_group.setdefault(r.group, []).append(r.peer_id)
+        else:
+            ungrouped.append(r.peer_id)
+    if not by_group:
+        return [], sorted(ungrouped)
+    names = sorted(by_group)
+    groups = [sorted(by_group[name]) for name in names]
+    matrix = rtt_matrix(rtts, [m.record.peer_id for m in view.members])
+    medians = intra_group_rtt(groups, matrix)
+    index = {p: i for i, p in enumerate(matrix.peers)}
+    result = []
+    for g, (name, members) in enumerate(zip(names, groups, strict=True)):
+        idx = [index[p] for p in members]
+        pairs = len(idx) * (len(idx) - 1) // 2
+        measured = sum(bool(matrix.measured[i, j]) for k, i in enumerate(idx) for j in idx[k + 1 :])
+        median = medians[g] if measured or not pairs else None
+        result.append(
+            {"group": name, "members": members, "median_rtt_ms": median, "pairs": pairs, "measured_pairs": measured}
+        )
+    return result, sorted(ungrouped)
+
+
+def groups_table(view: SwarmView, rtts: Rtts) -> Table | None:
+    """One row per group (and one for the ungrouped peers); None when no member is in a group."""
+    groups, ungrouped = group_summaries(view, rtts)
+    if not groups:
+        return None
+    table = Table(title="groups", header_style="bold")
+    table.add_column("group", no_wrap=True)
+    table.add_column("size", justify="right")
+    table.add_column("median RTT", justify="right", no_wrap=True)
+    table.add_column("measured pairs", justify="right")
+    table.add_column("members")
+    for g in groups:
+        table.add_row(
+            g["group"],
+            str(len(g["members"])),
+            _ms(g["median_rtt_ms"]),
+            f"{g['measured_pairs']}/{g['pairs']}",
+            " ".join(short_peer_id(p) for p in g["members"]),
+        )
+    if ungrouped:
+        table.add_row("(none)", str(len(ungrouped)), _DASH, _DASH, " ".join(short_peer_id(p) for p in ungrouped))
+    return table
+
+
+def status_report(view: SwarmView, rtts: Rtts | None = None) -> RenderableType:
+    """The members table, followed by the groups table when some member is in a group."""
+    groups = groups_table(view, rtts or {})
+    members = status_table(view, rtts)
+    return members if groups is None else Group(members, groups)
+
+
 def summary(view: SwarmView) -> dict[str, Any]:
     records = [m.record for m in view.members]
     return {
@@ -52,7 +145,9 @@ def summary(view: SwarmView) -> dict[str, Any]:
     }
 
 
-def status_table(view: SwarmView) -> Table:
+def status_table(view: SwarmView, rtts: Rtts | None = None) -> Table:
+    """One row per member; its ``rtt`` column reads "median (peers measured)" from its own RTT record."""
+    rtts = rtts or {}
     totals = summary(view)
     rounds = [m.record.round for m in view.members if m.record.round is not None]
     training = f" · round {max(rounds)}" if rounds else ""
@@ -76,6 +171,7 @@ def status_table(view: SwarmView) -> Table:
     table.add_column("loss", justify="right")
     table.add_column("tok/s", justify="right")
     table.add_column("sent / recv", justify="right", no_wrap=True)
+    table.add_column("rtt", justify="right", no_wrap=True)
     table.add_column("group", no_wrap=True)
     for member in view.members:
         r = member.record
@@ -92,15 +188,22 @@ def status_table(view: SwarmView) -> Table:
             _fmt(r.loss, ".3f"),
             _fmt(r.tokens_per_s, ",.0f"),
             _DASH if r.bytes_sent is None else f"{_bytes(r.bytes_sent)} / {_bytes(r.bytes_received)}",
+            _rtt_cell(rtts.get(r.peer_id)),
             r.group or _DASH,
         )
     return table
 
 
-def view_to_json(view: SwarmView) -> dict[str, Any]:
+def view_to_json(view: SwarmView, rtts: Rtts | None = None) -> dict[str, Any]:
+    """The view as one JSON-able object: ``peers`` (each with ``rtt``: its median RTT in ms, how many peers it
+    measured and its measurements, or None), ``groups`` and ``ungrouped`` (see :func:`group_summaries`)."""
+    rtts = rtts or {}
     peers = []
     for member in view.members:
         r = member.record
+        measured = rtts.get(r.peer_id)
+        found = rtt_summary(measured)
+        rtt = None if found is None else {"median_ms": found[0], "peers": found[1], "to": dict(measured or {})}
         peers.append(
             {
                 "peer_id": r.peer_id,
@@ -120,12 +223,16 @@ def view_to_json(view: SwarmView) -> dict[str, Any]:
                 "bytes_sent": r.bytes_sent,
                 "bytes_received": r.bytes_received,
                 "data": list(r.data) if r.data is not None else None,
+                "rtt": rtt,
             }
         )
+    groups, ungrouped = group_summaries(view, rtts)
     return {
         "swarm": view.swarm,
         "read_at": view.read_at,
         "read_s": round(view.read_s, 4),
         "summary": summary(view),
         "peers": peers,
+        "groups": groups,
+        "ungrouped": ungrouped,
     }

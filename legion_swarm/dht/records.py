@@ -9,6 +9,7 @@ kept out of the typed object so newer peers can add fields without breaking olde
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -34,6 +35,11 @@ def leases_key(swarm: str) -> str:
 def config_key(swarm: str) -> str:
     """DHT key whose subkeys are copies of the swarm's creator-signed config, one per peer that serves it."""
     return f"legion/{swarm}/config"
+
+
+def rtt_key(swarm: str) -> str:
+    """DHT key whose subkeys are each member's measured RTTs (one :class:`RttRecord` per prober)."""
+    return f"legion/{swarm}/rtt"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,6 +81,16 @@ class PeerRecord:
     """Payload bytes this peer received on its data plane since it started."""
     mode: str | None = None
     """``sync`` or ``diloco`` for a training peer."""
+    state_id: str | None = None
+    """Hex prefix of the id of the state this peer holds after ``round``: peers with equal ids hold
+    bit-identical parameters."""
+    committed: int | None = None
+    """Rounds this process committed since it started."""
+    failed: int | None = None
+    """Round attempts of this process that committed nothing (no group formed, or every shard lost)."""
+    sample: bytes | None = None
+    """The parameters at fixed, seeded positions (float32, at most ``MAX_SAMPLE_BYTES``): readers compare the
+    samples of peers at one round to estimate how far apart the swarm's copies of the model are."""
 
     kind = "peer"
 
@@ -105,7 +121,12 @@ _PEER_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
     "bytes_sent": ((int, type(None)), False),
     "bytes_received": ((int, type(None)), False),
     "mode": ((str, type(None)), False),
+    "state_id": ((str, type(None)), False),
+    "committed": ((int, type(None)), False),
+    "failed": ((int, type(None)), False),
+    "sample": ((bytes, type(None)), False),
 }
+MAX_SAMPLE_BYTES = 1024
 _HARDWARE_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
     "cpus": ((int,), True),
     "ram_gb": (_NUMBER, True),
@@ -140,9 +161,14 @@ def parse_peer_record(obj: Any) -> PeerRecord:
         raise RecordError(f"peer record: kind is {obj.get('kind')!r}")
     if fields.get("mode") not in (None, "sync", "diloco"):
         raise RecordError(f"peer record: unknown mode {fields['mode']!r}")
-    for name in ("bytes_sent", "bytes_received", "round"):
+    for name in ("bytes_sent", "bytes_received", "round", "committed", "failed"):
         if fields.get(name) is not None and fields[name] < 0:
             raise RecordError(f"peer record: {name} is negative")
+    sample = fields.get("sample")
+    if sample is not None and (len(sample) > MAX_SAMPLE_BYTES or len(sample) % 4):
+        raise RecordError(f"peer record: sample must be at most {MAX_SAMPLE_BYTES} bytes of float32")
+    if fields.get("state_id") is not None and len(fields["state_id"]) > 64:
+        raise RecordError("peer record: state_id is too long")
     addrs = fields["addrs"]
     if len(addrs) > 32 or not all(isinstance(a, str) and len(a) < 512 for a in addrs):
         raise RecordError("peer record: addrs must be at most 32 strings")
@@ -260,12 +286,73 @@ def parse_config_record(obj: Any) -> ConfigRecord:
     return ConfigRecord(**_check(obj, _CONFIG_SCHEMA, "config record"))
 
 
-Record = PeerRecord | LeaseRecord | ConfigRecord
+MAX_RTT_ENTRIES = 64
+"""Most peers one RTT record may name: a record stays a few kB whatever the swarm's size."""
+_PEER_ID_RE = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{20,128}$")  # base58, like every libp2p peer id
+
+
+@dataclass(frozen=True, kw_only=True)
+class RttRecord:
+    """One member's latest RTT medians to the peers it probed (:mod:`legion_swarm.groups.probe`).
+
+    Wire: ``{"kind": "rtt", "swarm", "peer_id", "sent_at", "rtts": {peer id: median RTT in ms}}``, at most
+    ``MAX_RTT_ENTRIES`` entries, each a finite non-negative number about another, valid-looking peer id.
+    """
+
+    swarm: str
+    peer_id: str
+    sent_at: float
+    """DHT time the record was written."""
+    rtts: dict[str, float]
+    """Peer id -> median round-trip time in milliseconds, as this peer measured it. Do not mutate."""
+
+    kind = "rtt"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "swarm": self.swarm,
+            "peer_id": self.peer_id,
+            "sent_at": self.sent_at,
+            "rtts": dict(self.rtts),
+        }
+
+
+_RTT_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
+    "swarm": ((str,), True),
+    "peer_id": ((str,), True),
+    "sent_at": (_NUMBER, True),
+    "rtts": ((dict,), True),
+}
+
+
+def parse_rtt_record(obj: Any) -> RttRecord:
+    fields = _check(obj, _RTT_SCHEMA, "rtt record")
+    rtts = fields["rtts"]
+    if len(rtts) > MAX_RTT_ENTRIES:
+        raise RecordError(f"rtt record: more than {MAX_RTT_ENTRIES} entries")
+    parsed: dict[str, float] = {}
+    for peer, value in rtts.items():
+        if not (isinstance(peer, str) and _PEER_ID_RE.match(peer)):
+            raise RecordError(f"rtt record: {str(peer)[:20]!r} is not a peer id")
+        if peer == fields["peer_id"]:
+            raise RecordError("rtt record: an RTT to the writer itself")
+        if not isinstance(value, _NUMBER) or isinstance(value, bool):
+            raise RecordError(f"rtt record: the RTT to {peer[:16]} has type {type(value).__name__}")
+        if not (math.isfinite(value) and value >= 0):
+            raise RecordError(f"rtt record: the RTT to {peer[:16]} is {value}, not a finite number >= 0")
+        parsed[peer] = float(value)
+    fields["rtts"] = parsed
+    return RttRecord(**fields)
+
+
+Record = PeerRecord | LeaseRecord | ConfigRecord | RttRecord
 
 _PARSERS = {
     PeerRecord.kind: parse_peer_record,
     LeaseRecord.kind: parse_lease_record,
     ConfigRecord.kind: parse_config_record,
+    RttRecord.kind: parse_rtt_record,
 }
 
 
