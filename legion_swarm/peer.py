@@ -1,4 +1,4 @@
-"""``SwarmPeer``: one process's membership in a swarm: libp2p host, DHT node, heartbeat.
+"""``SwarmPeer``: one process's membership in a swarm: libp2p host, DHT node, heartbeat, RTT probing.
 
 ::
 
@@ -22,8 +22,10 @@ from legion_swarm import __version__
 from legion_swarm.config import DEFAULT_SWARM, PeerConfig
 from legion_swarm.dht.membership import Hello, Membership, read_members, say_hello, serve_hello
 from legion_swarm.dht.node import Found, SwarmDHT, dht_time
+from legion_swarm.dht.reconnect import Reconnector
 from legion_swarm.dht.records import PeerRecord
 from legion_swarm.errors import PeerUnreachableError, SwarmMismatchError
+from legion_swarm.groups.probe import Prober, read_rtts, serve_ping
 from legion_swarm.transport.dataplane import DataPlane
 from legion_swarm.transport.host import Host
 from legion_swarm.transport.identity import Identity, short_peer_id
@@ -103,8 +105,12 @@ class SwarmPeer:
         self.swarm = swarm
         self.dht: SwarmDHT | None = None
         self.membership: Membership | None = None
+        self.reconnector: Reconnector | None = None
+        """Reconnects through any member seen so far after a network cut (members only)."""
         self.plane: DataPlane | None = None
         """The direct-TCP + libp2p data plane for collectives (members only; observers have none)."""
+        self.prober: Prober | None = None
+        """Measures and publishes this member's RTTs (members only)."""
         self.maddrs: list[str] = []
         self.join_timings: dict[str, float] = {}
         """Seconds spent in each phase of :meth:`create`: daemon, dht (with the handshake), publish, total."""
@@ -226,6 +232,7 @@ class SwarmPeer:
         role = self.config.membership.role
         if role != "observer":
             await serve_hello(self.host, self.swarm, role, extra=lambda: self.hello_fields)
+            await serve_ping(self.host, timeout_s=self.config.probe.timeout_s)
         self.maddrs = await self.host.maddrs()
         t1 = time.perf_counter()
         if role != "observer":
@@ -240,6 +247,13 @@ class SwarmPeer:
             if not await self.membership.publish():
                 logger.warning("[%s] first record was not accepted by the last replica asked", self.tag)
             self._tasks.append(asyncio.create_task(self.membership.run(), name=f"heartbeat-{self.tag}"))
+            self.reconnector = Reconnector(
+                self.dht, self.swarm, check_s=self.config.membership.heartbeat_s, on_reconnect=self.membership.publish
+            )
+            self.reconnector.remember((_peer_id_of_maddr(m), (m,)) for m in self.config.host.initial_peers)
+            self._tasks.append(asyncio.create_task(self.reconnector.run(), name=f"reconnect-{self.tag}"))
+            self.prober = Prober(self.dht, self.swarm, self.config.probe)
+            self._tasks.append(asyncio.create_task(self.prober.run(), name=f"probe-{self.tag}"))
             self.join_timings["publish_s"] = time.perf_counter() - t1
 
     async def view(self) -> SwarmView:
@@ -249,7 +263,14 @@ class SwarmPeer:
         found: list[Found] = await read_members(self.dht, self.swarm)
         now = dht_time()
         members = tuple(Member(f.record, f.expires_at, max(0.0, now - f.record.sent_at)) for f in found)
+        if self.reconnector is not None:
+            self.reconnector.remember((m.record.peer_id, m.record.addrs) for m in members)
         return SwarmView(self.swarm, members, now, time.perf_counter() - t0)
+
+    async def rtts(self) -> dict[str, dict[str, float]]:
+        """The swarm's live RTT records: prober peer id -> {measured peer id -> median RTT in ms}."""
+        assert self.dht is not None, "SwarmPeer is not joined"
+        return await read_rtts(self.dht, self.swarm)
 
     async def aclose(self) -> None:
         """Announce departure, stop the heartbeat, leave the DHT, stop the daemon (idempotent, bounded)."""
