@@ -93,6 +93,9 @@ class HostConfig:
     """How long the ``p2pd`` daemon may take to start and connect to the initial peers."""
     data_port: int = 0
     """TCP port of the direct data plane (tensors, on ``host``); 0 picks a free one."""
+    netsim: str | None = None
+    """For testing: JSON file of per-peer-pair latency / bandwidth to inject into this peer's outgoing streams
+    (:mod:`legion_swarm.transport.netsim`). ``None``: the real network only."""
 
     def __post_init__(self) -> None:
         try:
@@ -160,6 +163,51 @@ class MembershipConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ProbeConfig:
+    """RTT probing (:mod:`legion_swarm.groups.probe`): whom a member pings, how often, how hard.
+
+    A probe round pings at most ``sample`` peers, ``concurrency`` at a time, each ping bounded by
+    ``timeout_s``, so it lasts at most ``ceil(sample / concurrency) * timeout_s`` (plus a DHT read and write).
+    """
+
+    interval_s: float = 10.0
+    """Seconds between probe rounds."""
+    sample: int = 8
+    """Peers pinged per round (at most 64, an RTT record's capacity): half are the nearest measured so far,
+    the rest are picked at random to explore. The cost per peer is O(sample), whatever the swarm's size."""
+    repeats: int = 5
+    """Timed request/response exchanges per ping, on one stream after an untimed warm-up (at most 32); the median
+    of their RTTs is kept."""
+    timeout_s: float = 2.0
+    """Upper bound on one ping: connecting, opening the stream and every exchange. At most ``interval_s``."""
+    first_delay_s: float = 1.0
+    """Seconds after joining before the first round, so the first RTTs are known soon after a join."""
+    concurrency: int = 4
+    """Pings in flight at once: few enough that they do not queue behind each other and inflate the RTTs."""
+    ttl_intervals: float = 3.0
+    """A measurement, and the record that publishes it, expire this many intervals after they were made."""
+
+    def __post_init__(self) -> None:
+        _positive("probe interval_s", self.interval_s)
+        _positive("probe timeout_s", self.timeout_s)
+        for name, value, top in (("sample", self.sample, 64), ("repeats", self.repeats, 32)):
+            if type(value) is not int or not 1 <= value <= top:
+                raise ConfigError(f"probe {name} must be an integer in [1, {top}], got {value!r}")
+        if type(self.concurrency) is not int or self.concurrency < 1:
+            raise ConfigError(f"probe concurrency must be an integer >= 1, got {self.concurrency!r}")
+        if not self.first_delay_s >= 0:
+            raise ConfigError(f"probe first_delay_s must be >= 0 (got {self.first_delay_s})")
+        if self.timeout_s > self.interval_s:
+            raise ConfigError(f"probe timeout_s ({self.timeout_s}) must not exceed interval_s ({self.interval_s})")
+        if not self.ttl_intervals >= 1.5:
+            raise ConfigError("probe ttl_intervals must be >= 1.5, or a live peer's RTT record would flicker")
+
+    @property
+    def record_ttl_s(self) -> float:
+        return self.interval_s * self.ttl_intervals
+
+
+@dataclass(frozen=True, kw_only=True)
 class PeerConfig:
     """Everything a :class:`~legion_swarm.peer.SwarmPeer` needs."""
 
@@ -169,6 +217,8 @@ class PeerConfig:
     """DHT tuning."""
     membership: MembershipConfig = field(default_factory=MembershipConfig)
     """Swarm name, role and heartbeat."""
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    """RTT probing (members only; observers neither probe nor answer pings)."""
     join_timeout_s: float = 12.0
     """Upper bound on ``SwarmPeer.create``: daemon start, handshake with the entry peer, DHT bootstrap."""
     close_timeout_s: float = 4.0
@@ -301,6 +351,11 @@ class TrainConfig:
     """Codec of the exchanged tensors; ``None``: ``none`` for ``sync``, ``int8`` for ``diloco``."""
     max_failed_rounds: int = 5
     """Consecutive rounds that commit nothing before training stops with an error."""
+    max_group: int = 0
+    """Largest group of one round. A round with more members splits them into latency-based groups of
+    ``min_group``..``max_group`` peers that average across groups hierarchically. 0: one group of everyone."""
+    min_group: int = 2
+    """Smallest group when the members are split (see ``max_group``)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -322,6 +377,12 @@ class TrainConfig:
             raise ConfigError(f"bad codec {self.codec!r}: expected one of {', '.join(CODECS)}")
         if not (isinstance(self.max_failed_rounds, int) and self.max_failed_rounds >= 1):
             raise ConfigError(f"max_failed_rounds must be an integer >= 1, got {self.max_failed_rounds}")
+        if not (type(self.min_group) is int and type(self.max_group) is int and self.min_group >= 1):
+            raise ConfigError(f"min_group and max_group must be integers, min_group >= 1, got {self.min_group}")
+        if self.max_group and not self.min_group <= self.max_group:
+            raise ConfigError(
+                f"max_group must be 0 (no limit) or >= min_group, got {self.max_group} < {self.min_group}"
+            )
 
     @property
     def resolved_codec(self) -> str:

@@ -114,3 +114,27 @@ async def test_diloco_across_groups_equals_the_naive_reference() -> None:
         assert torch.equal(flat(model), flat(models[0]))
     for got, want in zip(trainable(models[0]), trainable(reference), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_spread_is_zero_for_identical_copies_and_measures_a_perturbation() -> None:
+    from legion_swarm.train.metrics import relative_spread, sample_positions, swarm_spread, take_sample
+
+    model = TinyLM()
+    params = trainable(model)
+    at = sample_positions([p.numel() for p in params])
+    assert at == sample_positions([p.numel() for p in params]) and len(at) == 64
+    same = take_sample(params, at)
+    assert relative_spread([same, same, same]) == 0.0
+    with torch.no_grad():
+        for p in params:
+            p.mul_(1.01)  # every element 1% off: relative spread about 0.5% from the mean of two
+    spread = relative_spread([same, take_sample(params, at)])
+    assert spread is not None and 0.004 < spread < 0.006
+    assert relative_spread([same]) is None and relative_spread([same, same[:8]]) is None
+
+    class Rec:
+        def __init__(self, round_: int | None, sample: bytes | None) -> None:
+            self.round, self.sample = round_, sample
+
+    got = swarm_spread([Rec(3, same), Rec(3, same), Rec(4, same), Rec(None, same), Rec(5, None)])
+    assert got == (3, 0.0, 2)  # round 4 has a single sample

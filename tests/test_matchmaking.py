@@ -169,3 +169,41 @@ async def test_a_member_too_late_for_a_running_round_is_told_to_retry_at_once() 
         late = await mms[other].form(member(ps[other]), {ps[leader].peer_id})
         assert isinstance(late, Retry) and "already running" in late.reason
         assert asyncio.get_running_loop().time() - started < 2.0  # not the 5 s request timeout
+
+
+async def test_the_leaders_grouping_reaches_every_member_as_one_layout() -> None:
+    async with peers(5) as ps:
+        mms = await matchmakers(ps)
+        ids = sorted(p.peer_id for p in ps)
+        planted = [[ids[4], ids[1]], [ids[0], ids[2], ids[3]]]  # the leader's order is what everyone uses
+        asked: list[list[str]] = []
+
+        async def grouping(peer_ids: list[str]) -> list[list[str]]:
+            asked.append(peer_ids)
+            return planted
+
+        for mm in mms:
+            mm.grouping = grouping
+        decisions = await form_all(mms, ps)
+    assert asked == [ids]  # only the leader groups
+    assert all(isinstance(d, Formed) for d in decisions)
+    layouts = {d.layout for d in decisions}  # type: ignore[union-attr]
+    assert len(layouts) == 1
+    (layout,) = layouts
+    assert [[m.peer_id for m in g] for g in layout.groups] == planted and layout.owners == 2
+    for d, p in zip(decisions, ps, strict=True):
+        assert d.group == layout.group_of(p.peer_id) and d.group.owners == 2  # type: ignore[union-attr]
+
+
+async def test_a_grouping_that_fails_or_lies_falls_back_to_one_group() -> None:
+    async with peers(3) as ps:
+        mms = await matchmakers(ps, window_s=1.0)
+        ids = sorted(p.peer_id for p in ps)
+
+        async def bad(peer_ids: list[str]) -> list[list[str]]:
+            return [[ids[0]], [ids[0], ids[1]]]  # a peer twice, one left out
+
+        for mm in mms:
+            mm.grouping = bad
+        decisions = await form_all(mms, ps)
+    assert all(isinstance(d, Formed) and len(d.layout.groups) == 1 and d.group.size == 3 for d in decisions)

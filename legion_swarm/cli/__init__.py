@@ -73,6 +73,13 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _netsim_file(text: str) -> str:
+    from legion_swarm.transport.netsim import NetSim  # stdlib only: no hivemind before the arguments parse
+
+    NetSim.load(text)  # ConfigError naming the file and the problem
+    return text
+
+
 def _peers_count(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 64:
         raise ValueError(f"bad peer count {text!r}: expected 1-64")
@@ -120,8 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
             help="address others should dial, e.g. /ip4/PUBLIC_IP/tcp/PORT behind NAT (repeatable)",
         )
         p.add_argument("--upnp", action="store_true", help="ask the router for a port mapping (UPnP/NAT-PMP)")
+        p.add_argument(
+            "--netsim",
+            metavar="PATH",
+            type=_checked(_netsim_file, "netsim file"),
+            help="for testing: inject per-peer-pair latency/bandwidth from a JSON file into this peer's traffic",
+        )
         _seconds(p, "--heartbeat", 5.0, "seconds between record refreshes; a dead peer vanishes in ~3 (default: 5)")
         _seconds(p, "--report-every", 30.0, "log the swarm size this often (default: 30)")
+        _seconds(p, "--probe-interval", 10.0, "seconds between RTT probe rounds (a few pings each; default: 10)")
 
     p = sub.add_parser("bootstrap", parents=[common], help="run a stable entry node for a swarm")
     p.add_argument("--swarm", type=_swarm_name, default=DEFAULT_SWARM, help="swarm name (default: %(default)s)")
@@ -167,6 +181,22 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s; a round is one step in sync mode, --inner-steps steps in diloco)",
     )
     p.add_argument("--no-train", action="store_true", help="only form the swarm and show it")
+    # Any of these turns latency injection on (transport/netsim.py); peers are spread over regions in turn.
+    p.add_argument(
+        "--regions",
+        metavar="N",
+        type=_checked(_positive_int, "count"),
+        help="spread the processes over N regions (default: 1)",
+    )
+    ms = _checked(_non_negative_float, "milliseconds")
+    p.add_argument("--latency", metavar="MS", type=ms, help="RTT across regions (needs --regions > 1; default: 100)")
+    p.add_argument("--intra-latency", metavar="MS", type=ms, help="RTT inside a region (default: 5 with netsim on)")
+    p.add_argument(
+        "--bandwidth",
+        metavar="MBIT",
+        type=_checked(_positive_float, "Mbit/s"),
+        help="Mbit/s per direction per peer pair (default: unlimited)",
+    )
     return parser
 
 

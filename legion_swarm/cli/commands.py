@@ -17,9 +17,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from legion_swarm.cli.render import status_table, view_to_json
-from legion_swarm.config import DHTConfig, HostConfig, MembershipConfig, PeerConfig
-from legion_swarm.peer import SwarmPeer
+from legion_swarm.cli.render import status_report, status_table, view_to_json
+from legion_swarm.config import DHTConfig, HostConfig, MembershipConfig, PeerConfig, ProbeConfig
+from legion_swarm.peer import SwarmPeer, SwarmView
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -41,11 +41,17 @@ def peer_config(args: argparse.Namespace, *, role: str) -> PeerConfig:
         initial_peers=tuple(getattr(args, "peer", None) or ()),
         client_mode=observer,
         upnp=getattr(args, "upnp", False),
+        netsim=getattr(args, "netsim", None),
     )
     membership = MembershipConfig(
         swarm=args.swarm, role=role, heartbeat_s=getattr(args, "heartbeat", MembershipConfig.heartbeat_s)
     )
-    return PeerConfig(host=host, dht=DHTConfig(), membership=membership)
+    interval = getattr(args, "probe_interval", None)
+    # A short interval brings the ping timeout down with it (a ping never outlasts a round).
+    probe = ProbeConfig()
+    if interval is not None:
+        probe = ProbeConfig(interval_s=interval, timeout_s=min(probe.timeout_s, interval))
+    return PeerConfig(host=host, dht=DHTConfig(), membership=membership, probe=probe)
 
 
 def install_stop_signals() -> asyncio.Event:
@@ -136,26 +142,36 @@ async def status(args: argparse.Namespace) -> int:
     peer = await until_stopped(SwarmPeer.create(peer_config(args, role="observer")), stop)
     if peer is None:
         return 130
+
+    async def read() -> tuple[SwarmView, dict[str, dict[str, float]]]:
+        view = await peer.view()
+        try:
+            rtts = await peer.rtts()
+        except Exception as e:  # the members are the point of status; RTTs are an extra
+            logger.warning("could not read the swarm's RTT records: %r", e)
+            rtts = {}
+        return view, rtts
+
     try:
         if args.watch is None:
-            view = await peer.view()
+            view, rtts = await read()
             if args.json:
-                stdout.print_json(json.dumps(view_to_json(view)))
+                stdout.print_json(json.dumps(view_to_json(view, rtts)))
             else:
-                stdout.print(status_table(view))
+                stdout.print(status_report(view, rtts))
             return 0
         if args.json:  # one JSON object per line, each interval
             while not stop.is_set():
-                view = await peer.view()
-                print(json.dumps(view_to_json(view)), flush=True)
+                view, rtts = await read()
+                print(json.dumps(view_to_json(view, rtts)), flush=True)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), args.watch)
             return 0
-        with Live(status_table(await peer.view()), console=stdout, refresh_per_second=4) as live:
+        with Live(status_report(*await read()), console=stdout, refresh_per_second=4) as live:
             while not stop.is_set():
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), args.watch)
-                live.update(status_table(await peer.view()))
+                live.update(status_report(*await read()))
         return 0
     finally:
         await peer.aclose()
@@ -202,9 +218,18 @@ async def simulate(args: argparse.Namespace) -> int:
     """A bootstrap and N peer processes on this machine; unless ``--no-train`` they train ``--steps`` rounds on the
     swarm's config (the embedded default: TinyGPT-tiny on the built-in corpus); then everything shuts down."""
     from legion_swarm.cli.train import spec_from_args
-    from legion_swarm.sim import LocalSwarm, pid_alive
+    from legion_swarm.sim import LocalSwarm, NetSimSpec, pid_alive
 
     spec_from_args(args)  # a bad flag or config file fails here, before any process starts
+    netsim = None
+    if any(getattr(args, flag) is not None for flag in ("regions", "latency", "intra_latency", "bandwidth")):
+        regions = args.regions or 1
+        if args.latency is not None and regions == 1:
+            logger.warning("--latency is the RTT across regions: no effect with one region (see --intra-latency)")
+        netsim = NetSimSpec(
+            regions=regions, rtt_across_ms=100.0 if args.latency is None else args.latency,
+            rtt_inside_ms=5.0 if args.intra_latency is None else args.intra_latency, bandwidth_mbit=args.bandwidth,
+        )  # fmt: skip
     stop = install_stop_signals()
     started = time.perf_counter()
     peer_args = ("--no-train",) if args.no_train else ("--rounds", str(args.steps))
@@ -212,7 +237,7 @@ async def simulate(args: argparse.Namespace) -> int:
         swarm = await until_stopped(
             LocalSwarm.create(
                 args.peers, swarm=args.swarm, heartbeat_s=args.heartbeat, bootstrap_args=tuple(_spec_argv(args)),
-                peer_args=peer_args,
+                peer_args=peer_args, netsim=netsim,
             ),
             stop,
         )  # fmt: skip

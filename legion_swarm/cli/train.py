@@ -30,6 +30,8 @@ SPEC_FLAGS: dict[str, tuple[str, str, type]] = {
     "model": ("model", "preset", str),
     "data": ("data", "source", str),
     "batch_size": ("data", "batch_size", int),
+    "max_group": ("train", "max_group", int),
+    "min_group": ("train", "min_group", int),
 }
 
 
@@ -47,6 +49,11 @@ def add_spec_flags(p: argparse.ArgumentParser, *, creator: bool) -> None:
     p.add_argument("--model", metavar="PRESET", help=f"tiny | small | medium | hf:TYPE ({what}; default tiny)")
     p.add_argument("--data", metavar="SOURCE", help=f"builtin | dummy | PATH | HUB_NAME ({what}; default builtin)")
     p.add_argument("--batch-size", type=int, metavar="N", help=f"sequences per peer per step ({what})")
+    p.add_argument(
+        "--max-group", type=int, metavar="N",
+        help=f"split larger rounds into latency-based groups of at most N peers ({what}; default 0: one group)",
+    )  # fmt: skip
+    p.add_argument("--min-group", type=int, metavar="N", help=f"smallest group when split ({what}; default 2)")
 
 
 def overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -145,8 +152,9 @@ def progress_table(trainer: Any) -> Table:
     table.add_row(
         str(p.round), str(p.step), "—" if p.loss is None else f"{p.loss:.4f}",
         "—" if p.val_loss is None else f"{p.val_loss:.4f}", "—" if p.tokens_per_s is None else f"{p.tokens_per_s:,.0f}",
-        f"{p.group_size} peers", f"{p.bytes_sent / 1e6:.1f} MB ({p.bytes_sent / elapsed / 1e6:.2f} MB/s)",
-        f"{p.bytes_received / 1e6:.1f} MB", str(p.resyncs),
+        f"{p.group_size} peers" + (f" ({p.groups} groups)" if p.groups > 1 else ""),
+        f"{p.bytes_sent / 1e6:.1f} MB ({p.bytes_sent / elapsed / 1e6:.2f} MB/s)", f"{p.bytes_received / 1e6:.1f} MB",
+        str(p.resyncs),
     )  # fmt: skip
     return table
 

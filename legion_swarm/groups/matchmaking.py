@@ -8,6 +8,10 @@ with one :class:`GroupInfo` (members sorted by peer id). Only members whose *sta
 are grouped: the state id names the exact parameters a member holds (it is chained through every committed
 round), so a group always starts a round from bit-identical state. Everyone else is told to re-sync.
 
+When the round has more members than one group should hold, the leader splits them with its ``grouping``
+(latency-based groups from the swarm's RTT records) and answers everyone with the whole
+:class:`~legion_swarm.groups.layout.Layout`: the groups then run one hierarchical round together.
+
 Answers: :class:`Formed` (take part in the round), :class:`Resync` (your state is not the swarm's: download
 it from ``donors``), :class:`Retry` (the leader was unreachable, is not leading, or is behind: ask again).
 Views may disagree for a heartbeat or two (a new peer with a smaller id, a dead leader); then two leaders
@@ -21,12 +25,14 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgpack
 
 from legion_swarm.errors import LegionError, ProtocolError
 from legion_swarm.groups.info import GroupInfo, GroupMember
+from legion_swarm.groups.layout import Layout
 from legion_swarm.transport.framing import read_message, write_message
 from legion_swarm.transport.host import Host
 from legion_swarm.transport.identity import short_peer_id
@@ -70,8 +76,11 @@ class Request:
 
 @dataclass(frozen=True)
 class Formed:
-    group: GroupInfo
+    layout: Layout
+    """Every group of the round (one, unless the swarm is larger than its ``max_group``)."""
     round: int
+    group: GroupInfo
+    """This peer's group."""
 
 
 @dataclass(frozen=True)
@@ -90,10 +99,27 @@ class Retry:
 
 Decision = Formed | Resync | Retry
 
+Grouping = Callable[[list[str]], Awaitable[Sequence[Sequence[str]]]]
+"""``await grouping(peer_ids)``: split the (sorted) members of a round into groups. The leader calls it; the
+groups' order and each group's member order are what everyone uses."""
+
 
 def round_id(swarm: str, round_: int, state_id: bytes, members: list[GroupMember]) -> bytes:
     body = msgpack.packb([swarm, round_, state_id, [m.peer_id for m in members]])
     return hashlib.sha256(body).digest()[:16]
+
+
+def _layout(rid: bytes, members: tuple[GroupMember, ...], groups: object) -> Layout:
+    """The layout a leader's answer describes: ``groups`` lists indices into ``members`` (None: one group).
+    Every member must be in exactly one group."""
+    if groups is None:
+        return Layout(round_id=rid, groups=(members,))
+    if not isinstance(groups, list) or not all(isinstance(g, list) and g for g in groups):
+        raise ProtocolError("groups must be a list of non-empty lists")
+    flat = [i for g in groups for i in g]
+    if sorted(flat) != list(range(len(members))) or not all(type(i) is int for i in flat):
+        raise ProtocolError("groups must name every member exactly once")
+    return Layout(round_id=rid, groups=tuple(tuple(members[i] for i in g) for g in groups))
 
 
 def _new_future() -> asyncio.Future[dict[str, object]]:
@@ -110,9 +136,13 @@ class Matchmaker:
     """One peer's side of group formation: asks the leader, or leads. ``await start()`` once, then
     :meth:`form` before each round."""
 
-    def __init__(self, host: Host, swarm: str, *, window_s: float, timeout_s: float) -> None:
+    def __init__(
+        self, host: Host, swarm: str, *, window_s: float, timeout_s: float, grouping: Grouping | None = None
+    ) -> None:
         self.host, self.swarm = host, swarm
         self.window_s, self.timeout_s = window_s, timeout_s
+        self.grouping = grouping
+        """How a leader splits a round's members into groups (None: one group)."""
         self.tag = f"[{host.short_id}]"
         self._pending: dict[int, list[_Pending]] = {}
         self._arrived: dict[int, asyncio.Event] = {}
@@ -150,10 +180,10 @@ class Matchmaker:
             status = answer["status"]
             if status == "formed":
                 members = tuple(Request.from_wire(m).member for m in answer["members"])
-                group = GroupInfo(round_id=answer["round_id"], members=members)
                 expected = round_id(self.swarm, request.round, request.state_id, list(members))
-                assert group.round_id == expected and request.member.peer_id in {m.peer_id for m in members}
-                return Formed(group, request.round)
+                assert answer["round_id"] == expected and request.member.peer_id in {m.peer_id for m in members}
+                layout = _layout(expected, members, answer.get("groups"))
+                return Formed(layout, request.round, layout.group_of(request.member.peer_id))
             if status == "resync":
                 donors = tuple(str(d) for d in answer["donors"])[:64]
                 return Resync(int(answer["round"]), bytes(answer["state_id"]), donors)
@@ -180,18 +210,37 @@ class Matchmaker:
         pending = self._pending.pop(round_)
         self._arrived.pop(round_, None)
         self._formed = max(self._formed, round_)
-        same = [p for p in pending if p.request.state_id == request.state_id]
-        members = sorted((p.request.member for p in same), key=lambda m: m.peer_id)
+        same = sorted(
+            (p for p in pending if p.request.state_id == request.state_id), key=lambda p: p.request.member.peer_id
+        )
+        members = [p.request.member for p in same]
         rid = round_id(self.swarm, round_, request.state_id, members)
-        answer = {"status": "formed", "round_id": rid, "members": [p.request.to_wire() for p in sorted(
-            same, key=lambda p: p.request.member.peer_id)]}  # fmt: skip
+        groups = await self._groups([m.peer_id for m in members])
+        layout = _layout(rid, tuple(members), groups)
+        answer = {
+            "status": "formed", "round_id": rid, "members": [p.request.to_wire() for p in same], "groups": groups,
+        }  # fmt: skip
         for p in pending:
             if p.answer.done():
                 continue
             p.answer.set_result(answer if p in same else self._resync_answer())
-        logger.info("%s leading round %d: %d members (%d told to re-sync)", self.tag, round_, len(same),
-                    len(pending) - len(same))  # fmt: skip
-        return Formed(GroupInfo(round_id=rid, members=tuple(members)), round_)
+        logger.info("%s leading round %d: %d members in %d groups (%d told to re-sync)", self.tag, round_,
+                    len(same), len(layout.groups), len(pending) - len(same))  # fmt: skip
+        return Formed(layout, round_, layout.group_of(self.host.peer_id))
+
+    async def _groups(self, peer_ids: list[str]) -> list[list[int]]:
+        """The round's groups as indices into ``peer_ids``; one group if there is no grouping or it fails."""
+        if self.grouping is None or len(peer_ids) < 2:
+            return [list(range(len(peer_ids)))]
+        try:
+            groups = await self.grouping(peer_ids)
+            index = {p: i for i, p in enumerate(peer_ids)}
+            as_indices = [[index[p] for p in g] for g in groups]
+            _layout(b"check", tuple(GroupMember(peer_id=p) for p in peer_ids), as_indices)
+            return as_indices
+        except Exception as e:  # a failed grouping must not stop training: one group is always valid
+            logger.warning("%s grouping failed (%r): one group this round", self.tag, e)
+            return [list(range(len(peer_ids)))]
 
     def _resync_answer(self) -> dict[str, object]:
         round_, state_id = self.state

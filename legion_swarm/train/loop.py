@@ -34,12 +34,15 @@ from legion_swarm.collectives import Collectives, RoundResult
 from legion_swarm.config import CollectiveConfig
 from legion_swarm.dht.records import PeerRecord
 from legion_swarm.errors import SwarmConfigError, TrainingError
-from legion_swarm.groups.info import GroupMember
+from legion_swarm.groups.clustering import RttMatrix, form_groups
+from legion_swarm.groups.info import GroupInfo, GroupMember
+from legion_swarm.groups.layout import Layout
 from legion_swarm.groups.matchmaking import Formed, Matchmaker, Resync
 from legion_swarm.peer import SwarmPeer
 from legion_swarm.train.checkpoint import Checkpoint
 from legion_swarm.train.data import ShardReader, TokenData, evaluate, load_tokens, val_batches
 from legion_swarm.train.leases import LeaseConfig, ShardLeases
+from legion_swarm.train.metrics import sample_positions, take_sample
 from legion_swarm.train.model import build_model
 from legion_swarm.train.modes import Batch, DiLoCoMode, SyncMode, trainable
 from legion_swarm.train.optim import StateSlice
@@ -81,6 +84,10 @@ class Progress:
     bytes_sent: int = 0
     bytes_received: int = 0
     group_size: int = 0
+    group: str | None = None
+    """A short label of this peer's last group (equal for its members), e.g. ``4@3fa2c1``."""
+    groups: int = 0
+    """How many groups the last round had."""
     rounds_committed: int = 0
     rounds_failed: int = 0
     resyncs: int = 0
@@ -104,14 +111,16 @@ class SwarmTrainer(StateSource):
         self.model = model
         self.params = trainable(self.model)
         self.numel = sum(p.numel() for p in self.params)
+        self._sample_at = sample_positions([p.numel() for p in self.params])
         collective = config.collective or CollectiveConfig()
         codec = self.spec.train.resolved_codec
         self.collectives = Collectives(peer.plane, _with_codec(collective, codec))
         mode_cls = SyncMode if self.spec.train.mode == "sync" else DiLoCoMode
         self.mode: SyncMode | DiLoCoMode = mode_cls(self.model, self.collectives, self.spec.train)
         self.matchmaker = Matchmaker(
-            peer.host, peer.swarm, window_s=config.window_s, timeout_s=config.request_timeout_s
-        )
+            peer.host, peer.swarm, window_s=config.window_s, timeout_s=config.request_timeout_s,
+            grouping=self._grouping,
+        )  # fmt: skip
         self.round = 0
         self.state_id = _initial_state_id(signed)
         self.matchmaker.state = (self.round, self.state_id)
@@ -123,6 +132,7 @@ class SwarmTrainer(StateSource):
         self._view: set[str] = set()
         self._view_at = 0.0
         self._ahead: list[str] = []
+        self._catching_up = False  # set by a re-sync: the next round is joined without local work (diloco)
         self.on_round: Callable[[SwarmTrainer], None] | None = None
         """Called after every round (e.g. to refresh a display); must not raise."""
         self.started_at = time.perf_counter()
@@ -181,8 +191,14 @@ class SwarmTrainer(StateSource):
         started = self.started_at = time.perf_counter()
         tokens = 0
         while self.config.rounds is None or self.progress.rounds_committed < self.config.rounds:
-            loss, n_tokens = await self._local_work()
-            tokens += n_tokens
+            loss: float | None = None
+            if self._catching_up and isinstance(self.mode, DiLoCoMode):
+                # Just downloaded the swarm's state: ask for the next round at once with nothing to add (zero
+                # weight), instead of arriving H steps late for it and re-syncing again.
+                self._catching_up = False
+            else:
+                loss, n_tokens = await self._local_work()
+                tokens += n_tokens
             formed = await self._form_group()
             if formed is None:  # re-synced: the local work was on an old state
                 continue
@@ -293,6 +309,9 @@ class SwarmTrainer(StateSource):
             await self.view()
             if self._ahead:
                 await self._resync(self._ahead)
+                self._publish_progress()
+                await membership.publish()
+                return  # the swarm is running: its next round is ours
             self._publish_progress()
             await membership.publish()
             await asyncio.sleep(self.config.window_s)
@@ -317,11 +336,24 @@ class SwarmTrainer(StateSource):
         self._ahead = []
         self._view_at = 0.0
         self.progress.resyncs += 1
+        self._catching_up = True
         logger.info("%s now at round %d (downloaded from %d donors)", self.tag, self.round, len(got.donors))
 
+    async def _grouping(self, peer_ids: list[str]) -> list[list[str]]:
+        """As the round's leader: one group, or latency-based groups from the swarm's RTT records when the round
+        has more than ``max_group`` members."""
+        train = self.spec.train
+        if not train.max_group or len(peer_ids) <= train.max_group:
+            return [peer_ids]
+        measured = await self.peer.rtts()
+        matrix = RttMatrix.from_measurements(measured, peer_ids)
+        groups = form_groups(peer_ids, matrix, min_group=train.min_group, max_group=train.max_group)
+        return [list(g) for g in groups]
+
     async def _step(self, formed: Formed) -> RoundResult:
-        group = formed.group
-        lo, hi = self.mode.my_range(group)
+        layout, group = formed.layout, formed.group
+        self.mode.column_results.clear()
+        lo, hi = self.mode.my_range(layout)
         handed: list[StateSlice] = []
         if (lo, hi) != (self.mode.optimizer.start, self.mode.optimizer.end) and self.owners:
             found = await fetch_optimizer_state(
@@ -329,35 +361,48 @@ class SwarmTrainer(StateSource):
             )
             handed = list(found.values())
         if isinstance(self.mode, SyncMode):
-            outcome = await self.mode.sync(group, handed=handed)
+            outcome = await self.mode.sync(layout, handed=handed)
         else:
-            outcome = await self.mode.outer_step(group, handed=handed)
+            outcome = await self.mode.outer_step(layout, handed=handed)
         result = outcome.result
         self.round = formed.round
-        self.state_id = hashlib.sha256(msgpack.packb([self.state_id, group.digest, list(result.committed)])).digest()[
-            :16
-        ]
-        plan = result.plan
-        self.owners = tuple((group.members[s].peer_id, *plan.bounds[s]) for s in result.committed if plan.sizes[s] > 0)
+        self.state_id = self._next_state_id(layout)
+        faulty = {group.members[i].peer_id for i in result.faulty}
+        self.owners = tuple(r for r in layout.ranges(self.mode.numels) if r[0] not in faulty)
         self.matchmaker.state = (self.round, self.state_id)  # at once: a faster member may already ask us
-        self.matchmaker.donors = tuple(m.peer_id for i, m in enumerate(group.members) if i not in result.faulty)
+        self.matchmaker.donors = tuple(m.peer_id for g in layout.groups for m in g if m.peer_id not in faulty)
         if not outcome.in_sync:
             logger.warning("%s declared faulty in round %d: re-syncing", self.tag, self.round)
             self._ahead = [d for d in self.matchmaker.donors if d != self.peer.peer_id]
-        self.progress.bytes_sent += result.bytes_sent
-        self.progress.bytes_received += result.bytes_received
+        columns = self.mode.column_results
+        self.progress.bytes_sent += result.bytes_sent + sum(r.bytes_sent for r in columns)
+        self.progress.bytes_received += result.bytes_received + sum(r.bytes_received for r in columns)
         self.progress.group_size = group.size
+        self.progress.groups = len(layout.groups)
+        self.progress.group = _group_label(group)
         return result
 
-    def _report(self, result: RoundResult, loss: float, tokens_per_s: float) -> None:
+    def _next_state_id(self, layout: Layout) -> bytes:
+        """The id of the state after a round: a hash of the previous id, the round's layout and the state's bytes.
+        Members hold equal ids exactly when they hold bit-identical state, whatever group they were in."""
+        h = hashlib.sha256(self.state_id + layout.digest)
+        for t in self.mode.state_tensors():
+            h.update(t.detach().contiguous().numpy().data)
+        return h.digest()[:16]
+
+    def _report(self, result: RoundResult, loss: float | None, tokens_per_s: float) -> None:
+        """``loss``: of this round's local work (None if it did none: it had just caught up)."""
         p = self.progress
-        p.round, p.loss, p.tokens_per_s = self.round, loss, tokens_per_s
+        p.round, p.tokens_per_s = self.round, tokens_per_s
         if result.committed:
             p.rounds_committed += 1
-        p.history.append((p.step, loss))
+        if loss is not None:
+            p.loss = loss
+            p.history.append((p.step, loss))
         logger.info(
-            "%s round %d: loss %.4f, group %d, committed %d/%d shards, %.0f tokens/s", self.tag, self.round, loss,
-            result.group.size, len(result.committed), result.group.size, tokens_per_s,
+            "%s round %d: loss %s, group %d, committed %d/%d shards, %.0f tokens/s", self.tag, self.round,
+            "-" if loss is None else f"{loss:.4f}", result.group.size, len(result.committed), result.group.size,
+            tokens_per_s,
         )  # fmt: skip
         self._publish_progress()
 
@@ -365,7 +410,9 @@ class SwarmTrainer(StateSource):
         p = self.progress
         self.peer.membership.update(  # type: ignore[union-attr]
             round=self.round, step=p.step, loss=p.loss, tokens_per_s=p.tokens_per_s, bytes_sent=p.bytes_sent,
-            bytes_received=p.bytes_received, mode=self.spec.train.mode, group=f"{p.group_size} peers",
+            bytes_received=p.bytes_received, mode=self.spec.train.mode, group=p.group,
+            state_id=self.state_id.hex()[:16], committed=p.rounds_committed, failed=p.rounds_failed,
+            sample=take_sample(self.mode.state_tensors(), self._sample_at),
         )  # fmt: skip
 
     async def evaluate(self) -> float:
@@ -379,6 +426,12 @@ class SwarmTrainer(StateSource):
 def _initial_state_id(signed: SignedSpec) -> bytes:
     """Every member starts from the parameters the config's seed gives: one state id for all of them."""
     return hashlib.sha256(b"init" + signed.digest).digest()[:16]
+
+
+def _group_label(group: GroupInfo) -> str:
+    """``<size>@<6 hex digits>``: equal for the members of one group, whatever the round."""
+    ids = sorted(m.peer_id for m in group.members)
+    return f"{group.size}@{hashlib.sha256(msgpack.packb(ids)).hexdigest()[:6]}"
 
 
 def _with_codec(config: CollectiveConfig, codec: str) -> CollectiveConfig:
