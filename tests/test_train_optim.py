@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from legion_swarm.train.optim import ShardedAdamW, ShardedNesterov
+from legion_swarm.train.optim import LocalAdamW, ShardedAdamW, ShardedNesterov
 
 ADAM = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
 
@@ -110,3 +110,25 @@ def test_state_bytes_shrink_with_the_shard() -> None:
     whole.rebase(0, 4000)
     part.rebase(1000, 2000)
     assert whole.nbytes() == 4000 * 8 and part.nbytes() * 4 == whole.nbytes()
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_local_adamw_is_bit_identical_to_torch_adamw(weight_decay: float) -> None:
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(13, 5), (5,), (3, 4, 2)]
+    theirs = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in theirs]
+    config = {**ADAM, "weight_decay": weight_decay}
+    reference, local = torch.optim.AdamW(theirs, **config), LocalAdamW(ours, **config)
+    for step in range(25):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        for params, opt in ((theirs, reference), (ours, local)):
+            opt.zero_grad()
+            for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+                if step % 5 == 3 and i == 1:
+                    p.grad = None  # a parameter without a gradient this step is left alone, its step count too
+                else:
+                    p.grad = g.clone()
+            opt.step()
+    for a, b in zip(theirs, ours, strict=True):
+        assert torch.equal(a, b)

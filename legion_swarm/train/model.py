@@ -100,16 +100,15 @@ class TinyGPT(nn.Module):
         assert config.n_layer and config.n_head and config.d_model and config.seq_len  # resolved by ModelConfig
         self.config = config
         d = config.d_model
-        # Built on the meta device, then materialised and initialised from our own generator: the modules'
-        # default initialisation would draw from (and advance) the global RNG, and its values would be thrown
-        # away anyway.
-        with torch.device("meta"):
+        # The modules' default initialisation draws from the global RNG: it runs on a forked RNG so the caller's
+        # stream is untouched, and reset_parameters() overwrites it from our own generator. (Building on the meta
+        # device would skip that work but import torch's symbolic-shape machinery: seconds of start-up.)
+        with torch.random.fork_rng(devices=[]):
             self.wte = nn.Embedding(config.vocab_size, d)
             self.wpe = nn.Embedding(config.seq_len, d)
             self.drop = nn.Dropout(config.dropout)
             self.blocks = nn.ModuleList(Block(d, config.n_head, config.dropout) for _ in range(config.n_layer))
             self.ln_f = nn.LayerNorm(d)
-        self.to_empty(device="cpu")
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

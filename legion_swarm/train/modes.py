@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -28,9 +29,12 @@ from legion_swarm.collectives.rounds import Relay
 from legion_swarm.config import TrainConfig
 from legion_swarm.groups.info import GroupInfo
 from legion_swarm.groups.layout import Layout
-from legion_swarm.train.optim import ShardedAdamW, ShardedNesterov, ShardState, Staged, StateSlice
+from legion_swarm.train.compute import Compute
+from legion_swarm.train.optim import LocalAdamW, ShardedAdamW, ShardedNesterov, ShardState, Staged, StateSlice
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 """``(inputs, targets)``: int64 token ids of shape [B, T]."""
@@ -78,6 +82,8 @@ class _ShardedMode:
     def __init__(self, model: torch.nn.Module, collectives: Collectives, optimizer: ShardState) -> None:
         self.model = model
         self.collectives = collectives
+        self.compute: Compute | None = None
+        """Where forward and backward passes run (None: any worker thread)."""
         self.cross = Collectives(collectives.plane, collectives.config)
         """The column rounds of hierarchical rounds (their own residuals and buffers: other shards, other peers)."""
         self.params = trainable(model)
@@ -86,6 +92,11 @@ class _ShardedMode:
         self.updates = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in self.params]
         self.column_results: list[RoundResult] = []
         """Results of the column rounds this peer took part in (hierarchical rounds; the caller may clear it)."""
+
+    async def _offload(self, fn: Callable[..., T], *args: object) -> T:
+        if self.compute is not None:
+            return await self.compute.run(fn, *args)
+        return await asyncio.to_thread(fn, *args)
 
     @property
     def peer_id(self) -> str:
@@ -193,7 +204,7 @@ class SyncMode(_ShardedMode):
     async def backward(self, batch: Batch) -> float:
         """Compute this peer's gradients on ``batch`` (before the group is formed); returns the loss."""
         self.model.zero_grad(set_to_none=False)
-        loss = await asyncio.to_thread(forward_backward, self.model, batch)
+        loss = await self._offload(forward_backward, self.model, batch)
         self.samples = int(batch[0].shape[0])
         return loss
 
@@ -224,7 +235,7 @@ class DiLoCoMode(_ShardedMode):
     def __init__(self, model: torch.nn.Module, collectives: Collectives, config: TrainConfig) -> None:
         super().__init__(model, collectives, ShardedNesterov(lr=config.outer_lr, momentum=config.outer_momentum))
         self.config = config
-        self.inner = torch.optim.AdamW(self.params, **config.adamw())
+        self.inner = LocalAdamW(self.params, **config.adamw())  # type: ignore[arg-type]
         self.anchor = [p.detach().clone() for p in self.params]
         """The parameters every member of the group held after the last outer step."""
         self.samples = 0
@@ -239,10 +250,10 @@ class DiLoCoMode(_ShardedMode):
 
     async def inner_step(self, batch: Batch) -> float:
         """One local AdamW step on ``batch``; returns the loss."""
-        return await asyncio.to_thread(self._inner_step, batch)
+        return await self._offload(self._inner_step, batch)
 
     def _inner_step(self, batch: Batch) -> float:
-        self.inner.zero_grad(set_to_none=False)
+        self.inner.zero_grad()
         loss = forward_backward(self.model, batch)
         if self.config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)

@@ -166,6 +166,49 @@ class ShardedAdamW(ShardState):
                 raise ValueError(f"{name} must be float32 of shape ({self.numel},), got {t.dtype} {tuple(t.shape)}")
 
 
+class LocalAdamW:
+    """``torch.optim.AdamW`` for a peer's own parameters (the diloco inner steps): torch's single-tensor CPU
+    algorithm, operation for operation, so the results are bit-identical.
+
+    Not a ``torch.optim.Optimizer``: constructing one imports TorchDynamo, about 3 s of CPU, which a restarted
+    peer would pay on its way back into the swarm (three times that on a machine its peers keep busy).
+    """
+
+    def __init__(
+        self, params: Sequence[torch.Tensor], *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8, weight_decay: float = 0.01,
+    ) -> None:  # fmt: skip
+        self.params = list(params)
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.steps = [0] * len(self.params)
+        self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.detach_()
+                p.grad.zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        beta1, beta2 = self.betas
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            grad, exp_avg, exp_avg_sq = p.grad, self.exp_avg[i], self.exp_avg_sq[i]
+            self.steps[i] += 1
+            step = float(self.steps[i])
+            if self.weight_decay != 0:
+                p.mul_(1 - self.lr * self.weight_decay)
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            step_size = self.lr / (1 - beta1**step)
+            bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
+            p.addcdiv_(exp_avg, denom, value=-step_size)
+
+
 class ShardedNesterov(ShardState):
     """The DiLoCo outer optimizer for one shard: SGD with Nesterov momentum on averaged pseudo-gradients."""
 

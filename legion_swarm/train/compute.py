@@ -1,0 +1,59 @@
+"""The thread that runs a peer's model compute: forward and backward passes, local optimizer steps, evaluation.
+
+One worker thread, off the event loop, so heartbeats, matchmaking and the collectives keep running during a
+step, and the compute never competes with itself. It may run at a lower CPU priority (a larger ``nice``), as
+volunteer-computing clients do: the volunteer's machine stays responsive, and where several peers share a
+machine, every peer's networking, and a peer that is starting, go before anyone's number crunching.
+Linux sets priorities per thread, and torch's intra-op threads inherit the priority of the thread that
+starts them; elsewhere ``nice`` is ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Compute:
+    """``await compute.run(fn, *args)`` runs ``fn(*args)`` on the compute thread; :meth:`close` when done."""
+
+    def __init__(self, nice: int = 0) -> None:
+        if not 0 <= nice <= 19:
+            raise ValueError(f"nice must be in 0..19, got {nice}")
+        self.nice = nice
+        self._executor = ThreadPoolExecutor(
+            1, thread_name_prefix="compute", initializer=_lower_priority, initargs=(nice,)
+        )
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
+
+    def close(self) -> None:
+        """Let a running call finish in the background; no new calls."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _lower_priority(nice: int) -> None:
+    if nice == 0 or not hasattr(os, "setpriority"):
+        return
+    tid = threading.get_native_id()
+    try:
+        # Only ever lower the priority: raising it again needs privileges.
+        os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+    except OSError as e:
+        logger.info("compute thread keeps its priority: %s", e)
+
+
+def thread_nice() -> int:
+    """The calling thread's nice value (for tests and diagnostics)."""
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
