@@ -171,6 +171,43 @@ async def test_a_member_too_late_for_a_running_round_is_told_to_retry_at_once() 
         assert asyncio.get_running_loop().time() - started < 2.0  # not the 5 s request timeout
 
 
+async def test_an_idle_leader_waits_for_the_members_work_and_a_busy_one_does_not() -> None:
+    async with peers(2) as ps:
+        mms = await matchmakers(ps, window_s=0.3)
+        leader, other = sorted(range(2), key=lambda i: ps[i].peer_id)
+        view = {ps[other].peer_id}
+        # Busy (it brings work): the window closes without the member, a round of one.
+        assert (await mms[leader].form(member(ps[leader]), view)).group.size == 1  # type: ignore[union-attr]
+        mms[leader].state = mms[other].state = (5, b"state-5")
+        # Idle (just synced): it waits well past its window for the member that is still computing.
+        idle = asyncio.create_task(mms[leader].form(member(ps[leader]), view, idle=True))
+        await asyncio.sleep(1.5)  # five windows
+        assert not idle.done()
+        late = await mms[other].form(member(ps[other]), {ps[leader].peer_id})
+        decision = await idle
+        assert isinstance(decision, Formed) and isinstance(late, Formed)
+        assert decision.group.size == 2 and decision.group == late.group
+
+
+async def test_a_peer_that_just_joined_does_not_lead_while_views_disagree() -> None:
+    async with peers(3) as ps:
+        mms = await matchmakers(ps, window_s=1.0)
+        new, old, other = sorted(ps, key=lambda p: p.peer_id)  # the newcomer has the smallest peer id
+        mm = {p.peer_id: m for p, m in zip(ps, mms, strict=True)}
+        settled = {old.peer_id, other.peer_id}
+        # `old` has not seen the newcomer yet, `other` has: by smallest id alone they would follow two leaders.
+        views = {new: {old.peer_id, other.peer_id}, old: {other.peer_id}, other: {new.peer_id, old.peer_id}}
+
+        async def ask(p: SwarmPeer, delay: float) -> object:
+            await asyncio.sleep(delay)
+            return await mm[p.peer_id].form(member(p), views[p], settled=settled)
+
+        decisions = await asyncio.gather(ask(old, 0.0), ask(new, 0.1), ask(other, 0.3))
+    assert all(isinstance(d, Formed) for d in decisions), decisions
+    assert {d.group for d in decisions} == {decisions[0].group}  # type: ignore[union-attr]
+    assert decisions[0].group.size == 3  # type: ignore[union-attr]
+
+
 async def test_the_leaders_grouping_reaches_every_member_as_one_layout() -> None:
     async with peers(5) as ps:
         mms = await matchmakers(ps)

@@ -1,9 +1,10 @@
 """Membership: the hello handshake with an entry peer, and the heartbeat that keeps a peer listed.
 
 A member is a peer whose signed :class:`~legion_swarm.dht.records.PeerRecord` is alive in
-``legion/<swarm>/peers``. It rewrites the record every ``heartbeat_s`` with an expiry of
-``ttl_heartbeats`` beats, so a peer that dies vanishes within about three beats with nobody deleting
-anything; a peer that shuts down cleanly writes ``state="left"`` so it vanishes at once from views.
+``legion/<swarm>/peers``. It rewrites the record every ``heartbeat_s`` with an expiry of ``ttl_heartbeats``
+beats (at least a beat plus two DHT timeouts), so a peer that dies vanishes within about three beats with
+nobody deleting anything; a peer that shuts down cleanly writes ``state="left"`` so it vanishes at once from
+views.
 """
 
 from __future__ import annotations
@@ -130,6 +131,9 @@ class Membership:
         )
         self.beats_ok = 0
         self.beats_failed = 0
+        # A beat can take a DHT timeout or two when a replica just died, and a view read stalls the same way:
+        # with short heartbeats, three beats would let every live record expire and each peer see itself alone.
+        self.ttl_s = max(config.record_ttl_s, config.heartbeat_s + 2 * dht.config.wait_timeout_s)
 
     def update(self, **fields: object) -> None:
         """Change progress fields (step, loss, tokens_per_s, group, addrs); sent with the next beat."""
@@ -138,7 +142,7 @@ class Membership:
     async def publish(self, state: str = "alive") -> bool:
         now = dht_time()
         self.record = replace(self.record, sent_at=now, state=state)
-        ok = await self.dht.store_own(self.key, self.record.to_wire(), now + self.config.record_ttl_s)
+        ok = await self.dht.store_own(self.key, self.record.to_wire(), now + self.ttl_s)
         if ok:
             self.beats_ok += 1
         else:

@@ -1,12 +1,14 @@
 """Forming the group of a round: every member asks one leader, the leader answers with the same GroupInfo.
 
 Each round ``R`` of a swarm has a leader: the live, synced training peer with the smallest peer id in the
-asker's view of the DHT. A member that wants to take part in round ``R`` sends the leader its request (round,
-state id, how to reach it) on ``legion/round/1`` and waits. The leader collects requests for ``R`` until every
-peer in its own view has asked or ``window_s`` has passed since it asked itself, then answers every asker
-with one :class:`GroupInfo` (members sorted by peer id). Only members whose *state id* equals the leader's
-are grouped: the state id names the exact parameters a member holds (it is chained through every committed
-round), so a group always starts a round from bit-identical state. Everyone else is told to re-sync.
+asker's view of the DHT, among those that have committed a round since they started (a restarted peer is seen
+by some members a heartbeat before the others; while it cannot lead, their views still agree on the leader). A
+member that wants to take part in round ``R`` sends the leader its request (round, state id, how to reach it)
+on ``legion/round/1`` and waits. The leader collects requests for ``R`` until every peer in its own view has
+asked or ``window_s`` has passed since it asked itself, then answers every asker with one :class:`GroupInfo`
+(members sorted by peer id). Only members whose *state id* equals the leader's are grouped: the state id names
+the exact parameters a member holds (it is chained through every committed round), so a group always starts a
+round from bit-identical state. Everyone else is told to re-sync.
 
 When the round has more members than one group should hold, the leader splits them with its ``grouping``
 (latency-based groups from the swarm's RTT records) and answers everyone with the whole
@@ -95,6 +97,8 @@ class Resync:
 @dataclass(frozen=True)
 class Retry:
     reason: str
+    unreachable: str | None = None
+    """The leader's peer id if it could not be reached at all (likely dead: look past it)."""
 
 
 Decision = Formed | Resync | Retry
@@ -155,13 +159,20 @@ class Matchmaker:
     async def start(self) -> None:
         await self.host.add_stream_handler(ROUND_PROTOCOL, self._handle)
 
-    async def form(self, me: GroupMember, view: set[str]) -> Decision:
-        """The group of round ``state[0] + 1``, given the peer ids of the live, synced trainers in our view."""
+    async def form(
+        self, me: GroupMember, view: set[str], *, idle: bool = False, settled: set[str] | None = None
+    ) -> Decision:
+        """The group of round ``state[0] + 1``, given the peer ids of the live, synced trainers in our view.
+
+        ``settled``: the peers of ``view`` (and maybe we) that have committed a round since they started; the
+        leader is the smallest of them, so a peer that just (re)joined does not take over the lead while half
+        the swarm has not seen it yet (None or empty: any peer may lead). ``idle``: we bring nothing to the
+        round (just synced); as its leader we wait for the others' work."""
         round_, state_id = self.state
         request = Request(me, round_ + 1, state_id)
-        leader = min(view | {me.peer_id})
+        leader = min(settled or view | {me.peer_id})
         if leader == me.peer_id:
-            return await self._lead(request, view)
+            return await self._lead(request, view, idle=idle)
         try:
             async with asyncio.timeout(self.window_s + self.timeout_s):
                 reader, writer = await self.host.open_stream(leader, ROUND_PROTOCOL)
@@ -171,7 +182,7 @@ class Matchmaker:
                 finally:
                     writer.close()
         except (TimeoutError, OSError, LegionError, asyncio.IncompleteReadError) as e:
-            return Retry(f"leader {short_peer_id(leader)} did not answer: {e!r}")
+            return Retry(f"leader {short_peer_id(leader)} did not answer: {e!r}", unreachable=leader)
         return self._parse_answer(answer, request, leader)
 
     def _parse_answer(self, answer: object, request: Request, leader: str) -> Decision:
@@ -192,7 +203,7 @@ class Matchmaker:
             logger.warning("%s malformed answer from leader %s: %r", self.tag, short_peer_id(leader), e)
             return Retry("malformed answer")
 
-    async def _lead(self, request: Request, view: set[str]) -> Decision:
+    async def _lead(self, request: Request, view: set[str], *, idle: bool = False) -> Decision:
         round_ = request.round
         mine = _Pending(request)
         self._pending.setdefault(round_, []).append(mine)
@@ -202,6 +213,14 @@ class Matchmaker:
             for pending in self._pending.pop(old):
                 self._answer_outdated(pending)
             self._arrived.pop(old, None)
+        if idle and view:
+            # A leader with nothing to add opens the window when the first member with work asks: the others
+            # are still computing, and a round of one would only fork the state it just downloaded.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.timeout_s):
+                    while len(self._pending[round_]) < 2:
+                        arrived.clear()
+                        await arrived.wait()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.window_s):
                 while not view <= {p.request.member.peer_id for p in self._pending[round_]}:

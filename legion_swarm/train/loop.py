@@ -32,6 +32,7 @@ import torch
 
 from legion_swarm.collectives import Collectives, RoundResult
 from legion_swarm.config import CollectiveConfig
+from legion_swarm.dht.node import dht_time
 from legion_swarm.dht.records import PeerRecord
 from legion_swarm.errors import SwarmConfigError, TrainingError
 from legion_swarm.groups.clustering import RttMatrix, form_groups
@@ -40,6 +41,7 @@ from legion_swarm.groups.layout import Layout
 from legion_swarm.groups.matchmaking import Formed, Matchmaker, Resync
 from legion_swarm.peer import SwarmPeer
 from legion_swarm.train.checkpoint import Checkpoint
+from legion_swarm.train.compute import Compute
 from legion_swarm.train.data import ShardReader, TokenData, evaluate, load_tokens, val_batches
 from legion_swarm.train.leases import LeaseConfig, ShardLeases
 from legion_swarm.train.metrics import sample_positions, take_sample
@@ -65,6 +67,8 @@ class LoopConfig:
     """How long a member waits for the leader's answer beyond the window."""
     view_refresh_s: float = 2.0
     """How often the member list is re-read from the DHT."""
+    nice: int = 0
+    """CPU priority of the model compute, 0 (normal) to 19 (only when idle); see :mod:`legion_swarm.train.compute`."""
     eval_every: int = 0
     """Evaluate the validation loss every this many rounds (0: only at the end)."""
     eval_batches: int = 8
@@ -117,6 +121,7 @@ class SwarmTrainer(StateSource):
         self.collectives = Collectives(peer.plane, _with_codec(collective, codec))
         mode_cls = SyncMode if self.spec.train.mode == "sync" else DiLoCoMode
         self.mode: SyncMode | DiLoCoMode = mode_cls(self.model, self.collectives, self.spec.train)
+        self.compute = self.mode.compute = Compute(nice=config.nice)
         self.matchmaker = Matchmaker(
             peer.host, peer.swarm, window_s=config.window_s, timeout_s=config.request_timeout_s,
             grouping=self._grouping,
@@ -130,6 +135,9 @@ class SwarmTrainer(StateSource):
         self.shard: int | None = None
         self.reader: ShardReader | None = None
         self._view: set[str] = set()
+        self._settled: set[str] = set()  # the peers of the view that have committed a round since they started
+        self._suspects: dict[str, float] = {}  # leaders and donors we could not reach -> when (DHT time)
+        self._failed_syncs = 0  # state downloads in a row that found no donor
         self._view_at = 0.0
         self._ahead: list[str] = []
         self._catching_up = False  # set by a re-sync: the next round is joined without local work (diloco)
@@ -156,6 +164,7 @@ class SwarmTrainer(StateSource):
         return self
 
     async def aclose(self) -> None:
+        self.compute.close()
         if self.leases is not None:
             await self.leases.aclose()
 
@@ -192,14 +201,14 @@ class SwarmTrainer(StateSource):
         tokens = 0
         while self.config.rounds is None or self.progress.rounds_committed < self.config.rounds:
             loss: float | None = None
-            if self._catching_up and isinstance(self.mode, DiLoCoMode):
-                # Just downloaded the swarm's state: ask for the next round at once with nothing to add (zero
-                # weight), instead of arriving H steps late for it and re-syncing again.
-                self._catching_up = False
-            else:
+            idle = self._catching_up and isinstance(self.mode, DiLoCoMode)
+            self._catching_up = False
+            if not idle:
                 loss, n_tokens = await self._local_work()
                 tokens += n_tokens
-            formed = await self._form_group()
+            # else: just downloaded the swarm's state: ask for the next round at once with nothing to add (zero
+            # weight), instead of arriving H steps late for it and re-syncing again.
+            formed = await self._form_group(idle=idle)
             if formed is None:  # re-synced: the local work was on an old state
                 continue
             result = await self._step(formed)
@@ -217,7 +226,7 @@ class SwarmTrainer(StateSource):
         self.progress.val_loss = await self.evaluate()
         return self.progress
 
-    async def _form_group(self) -> Formed | None:
+    async def _form_group(self, *, idle: bool = False) -> Formed | None:
         """The group of our next round; None if we had to re-sync instead. Retries with backoff while the
         leader is unreachable or not there yet; raises after ``max_failed_rounds`` attempts in a row."""
         me = GroupMember(
@@ -229,7 +238,8 @@ class SwarmTrainer(StateSource):
             if self._ahead:
                 await self._resync(self._ahead)
                 return None
-            decision = await self.matchmaker.form(me, view)
+            settled = self._settled | ({me.peer_id} if self.progress.rounds_committed else set())
+            decision = await self.matchmaker.form(me, view, idle=idle, settled=settled)
             if isinstance(decision, Formed):
                 return decision
             if isinstance(decision, Resync):
@@ -237,6 +247,9 @@ class SwarmTrainer(StateSource):
                 return None
             logger.info("%s round %d: %s", self.tag, self.round + 1, decision.reason)
             self.progress.rounds_failed += 1
+            if decision.unreachable is not None:
+                # Likely dead: its record lives on for a TTL, but the next leader should take over now.
+                self._suspects[decision.unreachable] = dht_time()
             self._view_at = 0.0  # the leader may be gone: look again
             await asyncio.sleep(min(0.1 * 2**attempt, 5.0))
         raise TrainingError(f"no group formed for round {self.round + 1} after {attempt} attempts")
@@ -294,7 +307,11 @@ class SwarmTrainer(StateSource):
         if loop.time() - self._view_at >= self.config.view_refresh_s:
             members = (await self.peer.view()).members
             trainers = [m.record for m in members if isinstance(m.record, PeerRecord) and m.record.mode is not None]
+            # A suspect is back in the view once it has sent a heartbeat since we suspected it.
+            self._suspects = {p: t for p, t in self._suspects.items() if any(r.peer_id == p for r in trainers)}
+            trainers = [r for r in trainers if r.sent_at > self._suspects.get(r.peer_id, float("-inf"))]
             self._view = {r.peer_id for r in trainers if r.round is not None and r.peer_id != self.peer.peer_id}
+            self._settled = {r.peer_id for r in trainers if r.peer_id in self._view and r.committed}
             self._ahead = [r.peer_id for r in trainers if r.round is not None and r.round > self.round]
             self._view_at = loop.time()
         return self._view
@@ -305,19 +322,25 @@ class SwarmTrainer(StateSource):
         peers that start together find each other before their first round."""
         membership = self.peer.membership
         assert membership is not None
-        for _ in range(2):
+        looks = 0
+        while looks < 2:
             await self.view()
             if self._ahead:
-                await self._resync(self._ahead)
-                self._publish_progress()
-                await membership.publish()
-                return  # the swarm is running: its next round is ours
+                if await self._resync(self._ahead):
+                    self._publish_progress()
+                    await membership.publish()
+                    return  # the swarm is running: its next round is ours
+                continue  # the donors were gone (their records outlive them for a TTL): look again
             self._publish_progress()
             await membership.publish()
+            looks += 1
             await asyncio.sleep(self.config.window_s)
             self._view_at = 0.0
 
-    async def _resync(self, donors: list[str]) -> None:
+    async def _resync(self, donors: list[str]) -> bool:
+        """Download the swarm's state from ``donors``. False if none of them could serve it (they left or died
+        after the view was read): the view is read again after a pause. Raises after ``max_failed_rounds`` such
+        failures in a row."""
         donors = [d for d in donors if d != self.peer.peer_id]
         if not donors:
             raise TrainingError("told to re-sync, but no donor was named")
@@ -327,8 +350,19 @@ class SwarmTrainer(StateSource):
 
         try:
             got = await download_state(self.peer.host, donors, numel=self.numel, progress=progress)
+        except TrainingError as e:
+            self._failed_syncs += 1
+            if self._failed_syncs >= self.spec.train.max_failed_rounds:
+                raise
+            logger.warning("%s could not re-sync (%s); looking at the swarm again", self.tag, e)
+            self._suspects.update(dict.fromkeys(donors, dht_time()))
+            self._ahead = []
+            self._view_at = 0.0
+            await asyncio.sleep(min(0.5 * 2**self._failed_syncs, 4.0))
+            return False
         finally:
             self.progress.download = None
+        self._failed_syncs = 0
         self.mode.load_state(got.flat)
         self.round, self.state_id, self.owners = got.meta.round, got.meta.state_id, got.meta.owners
         self.matchmaker.state = (self.round, self.state_id)
@@ -338,6 +372,7 @@ class SwarmTrainer(StateSource):
         self.progress.resyncs += 1
         self._catching_up = True
         logger.info("%s now at round %d (downloaded from %d donors)", self.tag, self.round, len(got.donors))
+        return True
 
     async def _grouping(self, peer_ids: list[str]) -> list[list[str]]:
         """As the round's leader: one group, or latency-based groups from the swarm's RTT records when the round
@@ -420,7 +455,7 @@ class SwarmTrainer(StateSource):
         batches = val_batches(
             self.data.val, self.spec.model.seq_len, self.spec.data.batch_size, self.config.eval_batches
         )
-        return await asyncio.to_thread(evaluate, self.model, batches)
+        return await self.compute.run(evaluate, self.model, batches)
 
 
 def _initial_state_id(signed: SignedSpec) -> bytes:
