@@ -22,6 +22,7 @@ import signal
 import sys
 import tempfile
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from legion_swarm.errors import NetworkError
@@ -195,6 +196,13 @@ class NetSimSpec:
         )  # fmt: skip
 
 
+def threads_per_peer(n_peers: int) -> tuple[str, ...]:
+    """``join`` flags that share this machine's cores among ``n_peers`` training processes: torch's default of
+    one thread per core in every process oversubscribes the CPU, and a starting process then waits its turn."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return ("--threads", str(max(1, cores // max(1, n_peers))))
+
+
 class LocalSwarm:
     """A bootstrap node plus peers as processes on 127.0.0.1. Build with :meth:`create`, end with :meth:`aclose`."""
 
@@ -215,7 +223,7 @@ class LocalSwarm:
         self.netsim: NetSim | None = None
         """The injected network conditions (:meth:`use_netsim`); every process gets them."""
         self._started = 0
-        self._netsim_dir: str | None = None
+        self._dir: str | None = None  # key files and the NetSim file, removed by aclose
         self._netsim_path: str | None = None
         self._keys: deque[str] = deque()  # pre-made identities of the NetSim, for the next add_peer calls
 
@@ -231,12 +239,17 @@ class LocalSwarm:
         bootstrap_args: tuple[str, ...] = (),
         peer_args: tuple[str, ...] = (),
         netsim: NetSimSpec | None = None,
+        identities: bool = False,
     ) -> LocalSwarm:
-        """Start a bootstrap node and ``n_peers`` peers; with ``netsim``, under those network conditions."""
+        """Start a bootstrap node and ``n_peers`` peers; with ``netsim``, under those network conditions. With
+        ``identities`` (implied by ``netsim``) every peer gets a key file (:meth:`identity_of`), so it can be
+        restarted as the same peer."""
         self = cls(swarm, heartbeat_s, extra_args, bootstrap_args, peer_args)
         try:
             if netsim is not None:
                 bootstrap_identity = self.use_netsim(netsim, n_peers, bootstrap_identity=bootstrap_identity)
+            elif identities:
+                self._make_keys(n_peers)
             await self.start_bootstrap(identity=bootstrap_identity)
             await asyncio.gather(*(self.add_peer() for _ in range(n_peers)))
         except BaseException:
@@ -248,23 +261,37 @@ class LocalSwarm:
         """Before any process starts: make key files for the bootstrap (unless ``bootstrap_identity``) and the
         next ``n_peers`` :meth:`add_peer` calls, and the NetSim JSON of their peer ids that every process gets.
         Returns the bootstrap's key file."""
-        if self._netsim_dir is not None or self.bootstrap is not None:
+        if self._dir is not None or self.bootstrap is not None:
             raise RuntimeError("use_netsim must be called once, before the swarm starts")
-        self._netsim_dir = tempfile.mkdtemp(prefix="legion-netsim-")
+        peer_ids = self._make_keys(n_peers)
+        assert self._dir is not None
         if bootstrap_identity is None:
-            bootstrap_identity = os.path.join(self._netsim_dir, "bootstrap.key")
-        peer_ids = [Identity.load_or_create(bootstrap_identity).peer_id]
-        for i in range(n_peers):
-            path = os.path.join(self._netsim_dir, f"peer{i}.key")
+            bootstrap_identity = os.path.join(self._dir, "bootstrap.key")
+        peer_ids.insert(0, Identity.load_or_create(bootstrap_identity).peer_id)
+        self.netsim = spec.build(peer_ids)
+        self._netsim_path = os.path.join(self._dir, "netsim.json")
+        with open(self._netsim_path, "w", encoding="utf-8") as f:
+            f.write(self.netsim.to_json())
+        return bootstrap_identity
+
+    def _make_keys(self, n_peers: int) -> list[str]:
+        """Key files for the next ``n_peers`` :meth:`add_peer` calls, in a directory removed by :meth:`aclose`;
+        returns their peer ids."""
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix="legion-swarm-")
+        peer_ids = []
+        for _ in range(n_peers):
+            path = os.path.join(self._dir, f"peer{len(self._keys) + self._started}.key")
             identity = Identity.generate()
             identity.save(path)
             peer_ids.append(identity.peer_id)
             self._keys.append(path)
-        self.netsim = spec.build(peer_ids)
-        self._netsim_path = os.path.join(self._netsim_dir, "netsim.json")
-        with open(self._netsim_path, "w", encoding="utf-8") as f:
-            f.write(self.netsim.to_json())
-        return bootstrap_identity
+        return peer_ids
+
+    @staticmethod
+    def identity_of(peer: PeerProcess) -> str | None:
+        """The key file ``peer`` was started with, if any."""
+        return peer.argv[peer.argv.index("--identity") + 1] if "--identity" in peer.argv else None
 
     def _common(self) -> list[str]:
         netsim = ["--netsim", self._netsim_path] if self._netsim_path is not None else []
@@ -278,17 +305,19 @@ class LocalSwarm:
         return self.bootstrap
 
     async def add_peer(
-        self, *, entry: str | None = None, identity: str | None = None, args: tuple[str, ...] | None = None
-    ) -> PeerProcess:
-        """Start one more ``join`` process through ``entry`` (default: the bootstrap's address), with ``args``
-        instead of the swarm's ``peer_args`` if given. ``identity`` defaults to the next key of the NetSim, if any."""
+        self, *, entry: str | Sequence[str] | None = None, identity: str | None = None,
+        args: tuple[str, ...] | None = None,
+    ) -> PeerProcess:  # fmt: skip
+        """Start one more ``join`` process through ``entry`` (one address or several to try; default: the
+        bootstrap's address), with ``args`` instead of the swarm's ``peer_args`` if given. ``identity`` defaults
+        to the next pre-made key file, if any."""
         if entry is None:
             assert self.bootstrap is not None
             entry = self.bootstrap.maddr
+        entries = [entry] if isinstance(entry, str) else list(entry)
         argv = [
             "join",
-            "--peer",
-            entry,
+            *[arg for maddr in entries for arg in ("--peer", maddr)],
             "--swarm",
             self.swarm,
             *self._common(),
@@ -325,8 +354,8 @@ class LocalSwarm:
             if self.bootstrap is not None:
                 await stop_process(self.bootstrap)
         finally:
-            if self._netsim_dir is not None:
-                shutil.rmtree(self._netsim_dir, ignore_errors=True)
+            if self._dir is not None:
+                shutil.rmtree(self._dir, ignore_errors=True)
 
     async def __aenter__(self) -> LocalSwarm:
         return self

@@ -39,6 +39,8 @@ def assert_one_line_error(result, code: int, *fragments: str) -> None:
         (["bootstrap", "--swarm", "Bad Name"], "bad swarm name"),
         (["status", "--peer", PEER.format(port=1), "--watch", "0"], "positive"),
         (["simulate", "--peers", "0"], "bad peer count"),
+        (["join", "--peer", PEER.format(port=1), "--nice", "20"], "expected 0-19"),
+        (["join", "--peer", PEER.format(port=1), "--threads", "0"], "expected a positive integer"),
         (["bootstrap", "--no-such-flag"], "unrecognized arguments"),
         (["frobnicate"], "invalid choice"),
     ],

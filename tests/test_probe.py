@@ -10,6 +10,7 @@ import random
 import statistics
 
 import msgpack
+import numpy as np
 import pytest
 from hivemind.dht.validation import DHTRecord
 from rich.console import Console
@@ -351,3 +352,21 @@ async def test_garbage_is_rejected_on_both_sides(caplog: pytest.LogCaptureFixtur
 
 async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
     return any(text in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.timeout(10)
+def test_status_reports_the_parameter_spread_of_the_latest_common_round() -> None:
+    def at(peer_id: str, round_: int, values: list[float]) -> Member:
+        m = member(peer_id, "2@aaaaaa")
+        sample = np.asarray(values, dtype=np.float32).tobytes()
+        return Member(dataclasses.replace(m.record, round=round_, sample=sample), m.expires_at, m.last_seen_s)
+
+    # Round 8 is the latest that two peers report; the peer alone at round 9 is not compared with anyone.
+    view = SwarmView("s", (at(IDS[1], 8, [3.0, 4.0]), at(IDS[2], 8, [3.0, 4.0]), at(IDS[3], 8, [3.0, 4.5]),
+                           at(IDS[4], 9, [9.0, 9.0])), read_at=10.0, read_s=0.01)  # fmt: skip
+    spread = view_to_json(view)["spread"]
+    assert spread["round"] == 8 and spread["peers"] == 3 and 0.05 < spread["relative"] < 0.07
+    console = Console(record=True, width=250)
+    console.print(status_report(view))
+    assert "parameter spread" in console.export_text()
+    assert view_to_json(SwarmView("s", (member(IDS[1], None),), read_at=1.0, read_s=0.0))["spread"] is None

@@ -73,6 +73,12 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _nice(text: str) -> int:
+    if not text.isdigit() or int(text) > 19:
+        raise ValueError(f"expected 0-19, got {text!r}")
+    return int(text)
+
+
 def _netsim_file(text: str) -> str:
     from legion_swarm.transport.netsim import NetSim  # stdlib only: no hivemind before the arguments parse
 
@@ -151,6 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=_checked(_positive_int, "count"), help="stop after training this many rounds")
     p.add_argument("--no-train", action="store_true", help="be a member (DHT, data plane) without training")
     p.add_argument("--resume", metavar="CKPT", help="start from a checkpoint (checkpoint export) of this swarm")
+    p.add_argument(
+        "--threads",
+        type=_checked(_positive_int, "count"),
+        help="torch threads for training (default: one per core; lower it when peers share a machine)",
+    )
+    p.add_argument(
+        "--nice",
+        type=_checked(_nice, "nice value"),
+        default=10,
+        help="CPU priority of the training compute, 0 (normal) to 19 (idle only); networking keeps normal "
+        "priority (default: %(default)s)",
+    )
 
     p = sub.add_parser("status", parents=[common], help="show a swarm's members (never joins as a member)")
     _peer_flag(p, "full multiaddr of a swarm member (repeatable)", required=True)
@@ -191,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     ms = _checked(_non_negative_float, "milliseconds")
     p.add_argument("--latency", metavar="MS", type=ms, help="RTT across regions (needs --regions > 1; default: 100)")
     p.add_argument("--intra-latency", metavar="MS", type=ms, help="RTT inside a region (default: 5 with netsim on)")
+    _seconds(
+        p, "--dropout", None, "churn: every ~SECONDS kill -9 a random training peer and restart it 5 s later "
+        "as the same peer (default: off)",
+    )  # fmt: skip
     p.add_argument(
         "--bandwidth",
         metavar="MBIT",

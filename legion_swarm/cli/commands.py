@@ -7,11 +7,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from rich.console import Console
 from rich.live import Live
@@ -19,7 +20,11 @@ from rich.table import Table
 
 from legion_swarm.cli.render import status_report, status_table, view_to_json
 from legion_swarm.config import DHTConfig, HostConfig, MembershipConfig, PeerConfig, ProbeConfig
+from legion_swarm.errors import NetworkError
 from legion_swarm.peer import SwarmPeer, SwarmView
+
+if TYPE_CHECKING:
+    from legion_swarm.sim import LocalSwarm, PeerProcess
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -218,7 +223,7 @@ async def simulate(args: argparse.Namespace) -> int:
     """A bootstrap and N peer processes on this machine; unless ``--no-train`` they train ``--steps`` rounds on the
     swarm's config (the embedded default: TinyGPT-tiny on the built-in corpus); then everything shuts down."""
     from legion_swarm.cli.train import spec_from_args
-    from legion_swarm.sim import LocalSwarm, NetSimSpec, pid_alive
+    from legion_swarm.sim import LocalSwarm, NetSimSpec, pid_alive, threads_per_peer
 
     spec_from_args(args)  # a bad flag or config file fails here, before any process starts
     netsim = None
@@ -232,18 +237,19 @@ async def simulate(args: argparse.Namespace) -> int:
         )  # fmt: skip
     stop = install_stop_signals()
     started = time.perf_counter()
-    peer_args = ("--no-train",) if args.no_train else ("--rounds", str(args.steps))
+    peer_args = ("--no-train",) if args.no_train else ("--rounds", str(args.steps), *threads_per_peer(args.peers))
     with stdout.status(f"starting a bootstrap node and {args.peers} peers as separate processes…"):
         swarm = await until_stopped(
             LocalSwarm.create(
                 args.peers, swarm=args.swarm, heartbeat_s=args.heartbeat, bootstrap_args=tuple(_spec_argv(args)),
-                peer_args=peer_args, netsim=netsim,
+                peer_args=peer_args, netsim=netsim, identities=args.dropout is not None,
             ),
             stop,
         )  # fmt: skip
     if swarm is None:
         return 130
     trained_ok = True
+    killed: list[PeerProcess] = []
     try:
         assert swarm.bootstrap is not None
         observer_args = argparse.Namespace(peer=[swarm.bootstrap.maddr], swarm=args.swarm, host="127.0.0.1")
@@ -253,10 +259,31 @@ async def simulate(args: argparse.Namespace) -> int:
             joined_s = time.perf_counter() - started
             view = await observer.view()
             if not args.no_train:
-                view = await _follow_training(swarm, observer, view, stop)
+                churn = _Churn(swarm, observer, args)
+                churning = asyncio.create_task(churn.run(stop)) if args.dropout is not None else None
+                try:
+                    view = await _follow_training(swarm, observer, view, stop, lambda: bool(churn.pending))
+                finally:
+                    killed = churn.killed
+                    if churning is not None:
+                        churning.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await churning
                 summaries = {p.name: p.trained() for p in swarm.peers}
+                for p in swarm.peers:
+                    if summaries[p.name] is None:
+                        logger.warning("%s did not finish its rounds (exit code %s):\n%s", p.name, p.proc.returncode,
+                                       p.tail(25))  # fmt: skip
                 stdout.print(loss_table(summaries))
-                trained_ok = all(s is not None and s["loss"] < s["first_loss"] for s in summaries.values())
+                trained_ok = all(
+                    s is not None and (name in churn.restarted or s["loss"] < s["first_loss"])
+                    for name, s in summaries.items()
+                )
+                if churning is not None:
+                    stdout.print(
+                        f"churn: {len(killed)} peers killed with SIGKILL, {len(churn.restarted)} restarted as the "
+                        "same peer"
+                    )
             stdout.print(status_table(view))
             stdout.print(f"{seen - 1}/{args.peers} peers joined in {joined_s:.1f} s")
             if args.duration > 0:
@@ -268,7 +295,8 @@ async def simulate(args: argparse.Namespace) -> int:
         with stdout.status("shutting down…"):
             await swarm.aclose()
     left = [pid for pid in swarm.daemon_pids() if pid_alive(pid)]
-    codes = [p.proc.returncode for p in swarm.processes()]
+    killed_pids = {p.pid for p in killed}
+    codes = [p.proc.returncode for p in swarm.processes() if p.pid not in killed_pids]
     stdout.print(
         f"shut down {len(codes)} processes (exit codes {sorted(set(codes))}), "
         f"{len(swarm.daemon_pids())} p2pd daemons reaped, {len(left)} left running"
@@ -278,17 +306,72 @@ async def simulate(args: argparse.Namespace) -> int:
     return 0 if seen - 1 >= args.peers and not left and set(codes) == {0} and trained_ok else 1
 
 
-async def _follow_training(swarm: object, observer: SwarmPeer, view: object, stop: asyncio.Event) -> object:
-    """Wait for every peer process to finish its rounds, showing progress; returns the last full view."""
-    peers = swarm.peers  # type: ignore[attr-defined]
+class _Churn:
+    """``simulate --dropout``: every ~``--dropout`` s (±25 %) SIGKILL a random peer that has committed a round and
+    restart it 5 s later with its key file, through another peer, to train the rounds it had left. Kills stop
+    once a peer has finished its rounds; restarts under way complete."""
+
+    def __init__(self, swarm: LocalSwarm, observer: SwarmPeer, args: argparse.Namespace) -> None:
+        self.swarm, self.observer, self.args = swarm, observer, args
+        self.rng = random.Random()
+        self.killed: list[PeerProcess] = []
+        self.restarted: set[str] = set()
+        """Names of the restarted processes (they start from the swarm's loss, not the initial one)."""
+        self.pending: set[asyncio.Task[None]] = set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        swarm = self.swarm
+        while not stop.is_set():
+            await asyncio.sleep(self.args.dropout * self.rng.uniform(0.75, 1.25))
+            if any(not p.running for p in swarm.peers):
+                return  # a peer has finished its rounds: the run is ending
+            committed = {m.record.peer_id: m.record.committed or 0 for m in (await self.observer.view()).members}
+            ready = [p for p in swarm.peers if p.running and committed.get(p.peer_id, 0) > 0]
+            if not ready:
+                continue
+            victim = self.rng.choice(ready)
+            logger.info("churn: SIGKILL %s", victim.name)
+            await swarm.kill(victim, signal.SIGKILL)
+            self.killed.append(victim)
+            task = asyncio.create_task(self._restart(victim, max(1, self.args.steps - committed[victim.peer_id])))
+            self.pending.add(task)
+            task.add_done_callback(self.pending.discard)
+
+    async def _restart(self, victim: PeerProcess, rounds_left: int) -> None:
+        from legion_swarm.sim import LocalSwarm, threads_per_peer
+
+        await asyncio.sleep(5.0)
+        if any(not p.running for p in self.swarm.peers):
+            logger.info("churn: not restarting %s: the run is ending", victim.name)
+            return
+        assert self.swarm.bootstrap is not None
+        # Every live address, in random order: the next kill may take one of them while this one starts.
+        entries = [p.maddr for p in self.swarm.peers if p.running] + [self.swarm.bootstrap.maddr]
+        self.rng.shuffle(entries)
+        args = ("--rounds", str(rounds_left), *threads_per_peer(self.args.peers))
+        try:
+            peer = await self.swarm.add_peer(entry=entries, identity=LocalSwarm.identity_of(victim), args=args)
+        except NetworkError as e:
+            logger.warning("churn: could not restart %s: %s", victim.name, e)
+            return
+        self.restarted.add(peer.name)
+        logger.info("churn: restarted %s as %s", victim.name, peer.name)
+
+
+async def _follow_training(
+    swarm: LocalSwarm, observer: SwarmPeer, view: SwarmView, stop: asyncio.Event, restarting: Callable[[], bool]
+) -> SwarmView:
+    """Wait for every peer process to finish its rounds (and any restart under way), showing progress; returns the
+    last full view."""
+    peers = swarm.peers  # the same list as peers are killed and restarted
     with stdout.status("training…") as status:
-        while any(p.running for p in peers) and not stop.is_set():
+        while (any(p.running for p in peers) or restarting()) and not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), 2.0)
             current = await observer.view()
             rounds = [m.record.round for m in current.members if m.record.round is not None]
             losses = [m.record.loss for m in current.members if m.record.loss is not None]
-            if len(current.members) == len(view.members):  # type: ignore[attr-defined]
+            if len(current.members) == len(view.members):
                 view = current
             if rounds:
                 loss = f", loss {sum(losses) / len(losses):.3f}" if losses else ""

@@ -16,6 +16,7 @@ from rich.table import Table
 from legion_swarm.groups.clustering import intra_group_rtt
 from legion_swarm.groups.probe import rtt_matrix
 from legion_swarm.peer import Member, SwarmView
+from legion_swarm.train.metrics import swarm_spread
 from legion_swarm.transport.identity import short_peer_id
 
 _DASH = "—"
@@ -151,6 +152,9 @@ def status_table(view: SwarmView, rtts: Rtts | None = None) -> Table:
     totals = summary(view)
     rounds = [m.record.round for m in view.members if m.record.round is not None]
     training = f" · round {max(rounds)}" if rounds else ""
+    spread = swarm_spread(m.record for m in view.members)
+    if spread is not None:
+        training += f" · parameter spread {spread[1]:.1e} at round {spread[0]} ({spread[2]} peers)"
     table = Table(
         title=f"swarm [bold]{view.swarm}[/bold]",
         caption=(
@@ -196,7 +200,9 @@ def status_table(view: SwarmView, rtts: Rtts | None = None) -> Table:
 
 def view_to_json(view: SwarmView, rtts: Rtts | None = None) -> dict[str, Any]:
     """The view as one JSON-able object: ``peers`` (each with ``rtt``: its median RTT in ms, how many peers it
-    measured and its measurements, or None), ``groups`` and ``ungrouped`` (see :func:`group_summaries`)."""
+    measured and its measurements, or None), ``groups`` and ``ungrouped`` (see :func:`group_summaries`), and
+    ``spread``: the relative parameter spread at the latest round two peers report
+    (:func:`~legion_swarm.train.metrics.swarm_spread`)."""
     rtts = rtts or {}
     peers = []
     for member in view.members:
@@ -227,6 +233,7 @@ def view_to_json(view: SwarmView, rtts: Rtts | None = None) -> dict[str, Any]:
             }
         )
     groups, ungrouped = group_summaries(view, rtts)
+    spread = swarm_spread(m.record for m in view.members)
     return {
         "swarm": view.swarm,
         "read_at": view.read_at,
@@ -235,4 +242,5 @@ def view_to_json(view: SwarmView, rtts: Rtts | None = None) -> dict[str, Any]:
         "peers": peers,
         "groups": groups,
         "ungrouped": ungrouped,
+        "spread": None if spread is None else {"round": spread[0], "relative": spread[1], "peers": spread[2]},
     }

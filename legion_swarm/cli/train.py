@@ -176,11 +176,15 @@ async def train(peer: Any, args: argparse.Namespace, console: Console) -> Any:
     from legion_swarm.train.loop import LoopConfig, SwarmTrainer
     from legion_swarm.train.swarm_config import check_overrides
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     signed = await fetch_swarm_spec(peer)
     check_overrides(signed.spec, overrides(args))
     peer.hello_fields["config"] = signed.digest  # joiners through us trust this config
     publisher = asyncio.create_task(publish_forever(peer, signed, every_s=max(args.heartbeat, 5.0)))
-    trainer = await SwarmTrainer.create(peer, signed, LoopConfig(rounds=args.rounds))
+    trainer = await SwarmTrainer.create(peer, signed, LoopConfig(rounds=args.rounds, nice=args.nice))
     if args.resume:
         from legion_swarm.train.checkpoint import load_checkpoint
 
