@@ -1,17 +1,18 @@
-"""Churn: 6 training peer processes, a seeded schedule of SIGKILLs and restarts with the same identity.
-
-The swarm must keep committing rounds, every restarted peer must contribute again within 15 s of being up,
-the loss must fall, and nothing may be left running. (The benchmark with the goals' numbers is
-``benchmarks/bench_churn.py``; this is its bounded, asserted version.)"""
+"""Churn with real peer processes: a seeded schedule of SIGKILLs and restarts with the same identity (the swarm
+keeps committing rounds, every restarted peer contributes again within 15 s of being up, the loss falls, nothing
+is left running); ``simulate --dropout``; and the bootstrap node's death, which stops neither training nor new
+joins through other members. (The benchmark with the goals' numbers is ``benchmarks/bench_churn.py``.)"""
 
 from __future__ import annotations
 
 import re
+import signal
 
 import pytest
 
 from legion_swarm.chaos import ChaosConfig, run_chaos
-from tests.conftest import run_cli
+from legion_swarm.sim import LocalSwarm
+from tests.conftest import eventually, observer, run_cli
 from tests.test_train_swarm import FAST
 
 pytestmark = pytest.mark.timeout(420)
@@ -43,3 +44,30 @@ async def test_simulate_with_dropout_kills_and_restarts_peers_and_finishes_clean
     churn = re.search(r"churn: (\d+) peers killed with SIGKILL, (\d+) restarted", result.stdout)
     assert churn is not None and int(churn.group(1)) >= 1 and int(churn.group(2)) >= 1, result.stdout[-3000:]
     assert "training summary" in result.stdout and "0 left running" in result.stdout
+
+
+@pytest.mark.timeout(360)
+async def test_training_goes_on_without_the_bootstrap_and_newcomers_join_through_members() -> None:
+    spec = ("--mode", "diloco", "--inner-steps", "4", *FAST)
+    async with await LocalSwarm.create(3, swarm="noboot", heartbeat_s=1.0, bootstrap_args=spec) as swarm:
+        assert swarm.bootstrap is not None
+        trainers = [p.peer_id for p in swarm.peers]
+        async with observer(swarm.peers[0].maddr, swarm="noboot") as obs:
+
+            async def rounds() -> dict[str, int]:
+                members = (await obs.view()).members
+                return {m.record.peer_id: m.record.round or 0 for m in members if m.record.committed}
+
+            async def all_past(peer_ids: list[str], round_: int) -> bool:
+                seen = await rounds()
+                return all(seen.get(p, 0) >= round_ for p in peer_ids)
+
+            await eventually(lambda: all_past(trainers, 2), timeout=120, interval=0.5)
+            await swarm.kill(swarm.bootstrap, signal.SIGKILL)
+            at_death = max((await rounds()).values())
+            # Training goes on among the members...
+            await eventually(lambda: all_past(trainers, at_death + 3), timeout=120, interval=0.5)
+            # ...and a newcomer joins through one of them, fetches the config from the members, and contributes.
+            newcomer = await swarm.add_peer(entry=swarm.peers[1].maddr)
+            await eventually(lambda: all_past([newcomer.peer_id, *trainers], at_death + 5), timeout=120, interval=0.5)
+        assert all(p.running for p in swarm.peers)
