@@ -18,6 +18,8 @@ the latest counters: rounds committed and failed, round, loss, state id and para
   on a machine the other peers keep busy is mostly CPU time spent importing torch; ``rejoin_after_start_s``
   the rest;
 - ``spread``: the relative parameter spread of the peers that reported the latest common round;
+- ``groups_diverged``: (round, group) pairs whose members reported different state ids after the round (a state
+  id is a hash of the parameters, so 0 means every group's survivors were bit-identical in every round seen);
 - ``first_loss`` / ``last_loss``: the swarm's mean loss over the first and last reported rounds;
 - ``crashed``: processes that exited on their own (a round past its deadline raises and ends the process,
   so this is also the check that no round hung);
@@ -94,6 +96,10 @@ class ChaosReport:
     first_loss: float | None = None
     last_loss: float | None = None
     rounds: int = 0
+    groups_seen: int = 0
+    """(round, group) pairs the observer saw members of."""
+    groups_diverged: int = 0
+    """Of those, groups whose members reported different state ids after the round (0: bit-identical)."""
     crashed: list[str] = field(default_factory=list)
     orphans: int = 0
     seconds: float = 0.0
@@ -110,7 +116,8 @@ class ChaosReport:
             "rejoin_after_start_s": self.rejoin_after_start_s,
             "never_rejoined": self.never_rejoined, "spread": self.spread,
             "spread_round": self.spread_round, "first_loss": self.first_loss, "last_loss": self.last_loss,
-            "rounds": self.rounds, "crashed": self.crashed, "orphans": self.orphans, "seconds": self.seconds,
+            "rounds": self.rounds, "groups_seen": self.groups_seen, "groups_diverged": self.groups_diverged,
+            "crashed": self.crashed, "orphans": self.orphans, "seconds": self.seconds,
         }  # fmt: skip
 
 
@@ -123,6 +130,7 @@ class _Watcher:
         self.losses: dict[int, list[float]] = {}
         self.records: list[PeerRecord] = []
         self.restarts: dict[str, float] = {}  # peer id -> time.time() of its latest restart
+        self.states: dict[tuple[int, str], set[str]] = {}  # (round, group label) -> state ids its members reported
 
     def contributing(self, peer_id: str) -> bool:
         """Whether the latest incarnation of ``peer_id`` has committed a round (and is not restarting)."""
@@ -145,6 +153,8 @@ class _Watcher:
             inc.failed = max(inc.failed, r.failed or 0)
             if inc.committed and inc.first_commit_at is None:
                 inc.first_commit_at = now
+            if r.round and r.group and r.state_id:
+                self.states.setdefault((r.round, r.group), set()).add(r.state_id)
             if r.round and r.loss is not None:
                 by_peer = self.losses.setdefault(r.round, [])
                 if len(by_peer) < 64:
@@ -268,6 +278,8 @@ def _fill(report: ChaosReport, watcher: _Watcher, startups: dict[float, float]) 
         else:
             report.rejoin_s.append(round(i.first_commit_at - i.restarted_at, 2))
             report.rejoin_after_start_s.append(round(i.first_commit_at - i.restarted_at - startups[i.restarted_at], 2))
+    report.groups_seen = len(watcher.states)
+    report.groups_diverged = sum(len(ids) > 1 for ids in watcher.states.values())
     spread = swarm_spread(watcher.records)
     if spread is not None:
         report.spread_round, report.spread, _ = spread
