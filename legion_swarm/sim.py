@@ -225,7 +225,7 @@ class LocalSwarm:
         self._started = 0
         self._dir: str | None = None  # key files and the NetSim file, removed by aclose
         self._netsim_path: str | None = None
-        self._keys: deque[str] = deque()  # pre-made identities of the NetSim, for the next add_peer calls
+        self._keys: deque[str] = deque()  # pre-made key files, for the next add_peer calls
 
     @classmethod
     async def create(
