@@ -136,6 +136,30 @@ async def test_state_downloads_from_several_donors_verified_by_hash(monkeypatch:
         assert all(torch.all(s.buffers["exp_avg"] == 3.0) for s in handed.values())
 
 
+async def test_a_donor_that_goes_away_mid_transfer_is_replaced_or_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(state_sync, "RANGE_ELEMS", 1000)
+    flat = torch.randn(4_500, generator=torch.Generator().manual_seed(2))
+    real_request = state_sync._request
+    gone: set[str] = set()
+
+    async def cut(host, peer_id, request, timeout):  # type: ignore[no-untyped-def]
+        if peer_id in gone and request.get("what") == "params":
+            raise asyncio.IncompleteReadError(b"\0" * 100, 4000)  # the stream ended inside the payload
+        return await real_request(host, peer_id, request, timeout)
+
+    monkeypatch.setattr(state_sync, "_request", cut)
+    async with peers(3) as ps:
+        for p in ps[:2]:
+            await StateServer(p.host, Source(flat)).start()
+        donors = [p.peer_id for p in ps[:2]]
+        gone.add(donors[0])
+        got = await download_state(ps[2].host, donors, numel=flat.numel())
+        assert torch.equal(got.flat, flat)  # every range came from the donor that stayed
+        gone.add(donors[1])
+        with pytest.raises(TrainingError, match="no donor served range"):  # a clear error, not an EOF
+            await download_state(ps[2].host, donors, numel=flat.numel(), attempts=1)
+
+
 async def test_a_donor_that_lies_is_caught_by_the_hash_and_a_moved_on_donor_serves_its_snapshot() -> None:
     flat = torch.randn(2000, generator=torch.Generator().manual_seed(1))
     async with peers(2) as ps:

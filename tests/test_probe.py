@@ -298,7 +298,11 @@ async def test_a_swarm_measures_publishes_and_reads_rtts(swarm: list[SwarmPeer])
         return all(p.prober is not None and leaver.peer_id not in p.prober.medians for p in swarm)
 
     await eventually(forgotten, timeout=20)
-    assert all(p.prober.rounds >= 2 and p.prober.published >= 1 for p in swarm)
+
+    async def kept_probing() -> bool:  # the leaver may be forgotten within the first round: wait for the next
+        return all(p.prober is not None and p.prober.rounds >= 2 and p.prober.published >= 1 for p in swarm)
+
+    await eventually(kept_probing, timeout=20)
 
 
 @pytest.mark.timeout(60)

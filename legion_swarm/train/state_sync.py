@@ -200,7 +200,7 @@ async def download_state(
     for _ in range(attempts):
         try:
             return await _download_once(host, donors, numel=numel, timeout=timeout, progress=progress)
-        except (ProtocolError, TrainingError, TimeoutError, OSError) as e:
+        except (ProtocolError, TrainingError, TimeoutError, OSError, EOFError) as e:  # EOF: a donor went away
             last_error = e
             logger.info("[%s] state download failed, retrying: %s", host.short_id, e)
     raise TrainingError(f"could not download the swarm's state from {len(donors)} donors: {last_error}")
@@ -238,7 +238,7 @@ async def _download_once(
                 if progress is not None:
                     progress(done, 4 * numel)
                 return
-            except (ProtocolError, TimeoutError, OSError, LegionError) as e:
+            except (ProtocolError, TimeoutError, OSError, EOFError, LegionError) as e:  # EOF: the donor went away
                 logger.info("[%s] range %d..%d from %s failed: %s", host.short_id, start, end, short_peer_id(donor), e)
         raise TrainingError(f"no donor served range {start}..{end}")
 
@@ -285,7 +285,7 @@ async def fetch_optimizer_state(
                 if segments and (segments[0][0] != a or segments[-1][1] != b):
                     raise ProtocolError("optimizer state segments do not cover the range")
                 found[(a, b)] = StateSlice(a, b, buffers, segments)
-            except (ProtocolError, TimeoutError, OSError, LegionError, ValueError, TypeError) as e:
+            except (ProtocolError, TimeoutError, OSError, EOFError, LegionError, ValueError, TypeError) as e:
                 who = short_peer_id(peer)
                 logger.warning("[%s] no optimizer state %d..%d from %s: %s", host.short_id, a, b, who, e)
                 return
