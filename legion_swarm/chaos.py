@@ -196,13 +196,9 @@ async def run_chaos(config: ChaosConfig) -> ChaosReport:
 
         async def restart(path: str, after_s: float) -> None:
             await asyncio.sleep(after_s)
-            assert swarm.bootstrap is not None
-            # Every live address, in random order: the next kill may take one of them while this one starts.
-            entry = [p.maddr for p in current.values()] + [swarm.bootstrap.maddr]
-            rng.shuffle(entry)
             spawned = watcher.restarts[peer_ids[path]] = time.time()  # rejoin time counts the process's start-up
             try:
-                current[path] = await swarm.add_peer(identity=path, entry=entry)
+                current[path] = await swarm.add_peer(identity=path, entry=swarm.entries(rng))
             except NetworkError as e:  # counted: restarts < kills
                 logger.error("chaos: could not restart %s: %s", peer_ids[path][-8:], e)
                 return

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import signal
@@ -287,6 +288,14 @@ class LocalSwarm:
             peer_ids.append(identity.peer_id)
             self._keys.append(path)
         return peer_ids
+
+    def entries(self, rng: random.Random) -> list[str]:
+        """Every live process's address (peers and bootstrap) in ``rng``'s order: what a restarted peer is given
+        to join through, since any one of them may die while it starts."""
+        live = [p for p in [*self.peers, self.bootstrap] if p is not None and p.running]
+        entries = [p.maddr for p in live]
+        rng.shuffle(entries)
+        return entries
 
     @staticmethod
     def identity_of(peer: PeerProcess) -> str | None:

@@ -344,13 +344,10 @@ class _Churn:
         if any(not p.running for p in self.swarm.peers):
             logger.info("churn: not restarting %s: the run is ending", victim.name)
             return
-        assert self.swarm.bootstrap is not None
-        # Every live address, in random order: the next kill may take one of them while this one starts.
-        entries = [p.maddr for p in self.swarm.peers if p.running] + [self.swarm.bootstrap.maddr]
-        self.rng.shuffle(entries)
         args = ("--rounds", str(rounds_left), *threads_per_peer(self.args.peers))
+        identity = LocalSwarm.identity_of(victim)
         try:
-            peer = await self.swarm.add_peer(entry=entries, identity=LocalSwarm.identity_of(victim), args=args)
+            peer = await self.swarm.add_peer(entry=self.swarm.entries(self.rng), identity=identity, args=args)
         except NetworkError as e:
             logger.warning("churn: could not restart %s: %s", victim.name, e)
             return
