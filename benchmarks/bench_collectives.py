@@ -3,9 +3,10 @@ against torch.distributed gloo and hivemind's DecentralizedAverager in the same 
 
 Ours: ``Collectives.all_reduce`` (reduce-scatter, owner average, all-gather, commit vote) in ``--procs``
 worker processes (``legion_swarm.collectives.worker``), each with a p2pd host and a direct-TCP endpoint;
-one warm-up round, then ``--repeats`` rounds; a round's time is its slowest member's, the result the
-median. Anchors (``collective_anchors.py``): gloo ``all_reduce`` and hivemind ``DecentralizedAverager.step``
-on the same data size, measured the same way.
+one warm-up round, then ``--repeats`` rounds, each started on a barrier as the gloo anchor's are (the
+parent releases all members once every one of them has refreshed its inputs); a round's time is its
+slowest member's, the result the median. Anchors (``collective_anchors.py``): gloo ``all_reduce`` and
+hivemind ``DecentralizedAverager.step`` on the same data size, measured the same way.
 
     python benchmarks/bench_collectives.py                     # 4 procs x 25 M floats, ~3-4 minutes
     python benchmarks/bench_collectives.py --numel 1000000 --repeats 2 --skip-anchors
@@ -46,11 +47,18 @@ def measure_ours(
                 job = {
                     "members": [w.member for w in workers], "round_id": os.urandom(8).hex(),
                     "config": {"plane": plane, "codec": codec}, "op": "all_reduce", "sizes": [numel], "seed": 1,
-                    "weight": 1.0, "rounds": 1 + repeats, "fault": None, "save": None,
+                    "weight": 1.0, "rounds": 1 + repeats, "fault": None, "save": None, "barrier": True,
                 }  # fmt: skip
                 for w in workers:
                     w.submit(job)
-                per_round = [[w.read(timeout=600) for w in workers] for _ in range(1 + repeats)]
+                per_round = []
+                for _ in range(1 + repeats):
+                    for w in workers:  # every member at the barrier, then all released together
+                        if not w.read(timeout=600).get("barrier"):
+                            raise RuntimeError(f"{plane}/{codec}: a worker reported before its barrier")
+                    for w in workers:
+                        w.release()
+                    per_round.append([w.read(timeout=600) for w in workers])
                 seconds = []
                 for reports in per_round[1:]:
                     for report in reports:

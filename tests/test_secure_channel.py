@@ -227,6 +227,24 @@ async def test_messages_sent_ahead_of_the_receiver_arrive_in_order_before_the_cl
             await b.recv(10)
 
 
+async def test_a_sealed_record_buffer_is_reused_only_once_nothing_else_holds_it(ids: dict[str, Identity]) -> None:
+    async with responding(ids["B"]) as (responder, port):
+        a = await connect(port, ids["A"], ids["B"])
+        b = await responder.channel()
+        held = memoryview(a._record_buffer())  # what a transport keeps of a record it could not send yet
+        other = a._record_buffer()
+        assert other is not held.obj and len(a._records) == 2
+        third = a._record_buffer()  # both still referenced: a third buffer
+        assert third is not other and third is not held.obj
+        del held, other, third
+        again = a._record_buffer()
+        assert len(a._records) == 3 and any(again is r for r in a._records)  # no new buffer once they are free
+        data = payload(12 * MiB + 5)  # more records than the channel keeps buffers for
+        _, got = await asyncio.gather(a.send(data), b.recv(13 * MiB))
+        assert got == data and len(a._records) <= 8
+        await a.aclose()
+
+
 async def _send_all_then_close(channel: SecureChannel, messages: list[bytes]) -> None:
     for message in messages:
         await channel.send(message)

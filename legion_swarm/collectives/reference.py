@@ -26,9 +26,15 @@ def weighted_average(
         raise ValueError("nothing to average")
     first, w0 = contributions[0]
     acc = torch.empty_like(first, dtype=torch.float32) if out is None else out
-    # Multiplying by exactly 1.0 is the identity on finite floats: skipped, a pass over memory saved.
-    acc.copy_(first) if w0 == 1.0 else torch.mul(first, w0, out=acc)
-    for x, w in contributions[1:]:
+    # Multiplying by exactly 1.0 is the identity on finite floats: skipped, a pass over memory saved; so is
+    # copying the first contribution before adding the second (x0 + x1 rounds the same either way).
+    rest = contributions[1:]
+    if w0 == 1.0 and rest and rest[0][1] == 1.0:
+        torch.add(first, rest[0][0], out=acc)
+        rest = rest[1:]
+    else:
+        acc.copy_(first) if w0 == 1.0 else torch.mul(first, w0, out=acc)
+    for x, w in rest:
         if w == 1.0:
             acc.add_(x)
         else:

@@ -32,7 +32,9 @@ class RoundResult:
     excluded: dict[int, str]
     """Members this peer stopped talking to during the round, and why."""
     shard: torch.Tensor | None
-    """This member's own result (averaged + updated, as decoded by everyone), or None."""
+    """This member's own result (averaged + updated, as decoded by everyone), or None. When the round committed
+    it into ``out`` and it lies within one tensor, a view of that tensor (it changes when ``out`` does); else a
+    tensor of its own."""
     planes: dict[int, str]
     """Data plane used with each other member: ``direct`` or ``libp2p``."""
     timings: dict[str, float]

@@ -74,6 +74,7 @@ class _Peer:
     incoming: asyncio.Future[Channel] | None = None
     excluded: str | None = None
     contribution: torch.Tensor | None = None  # decoded, complete contribution to my shard
+    receiving: torch.Tensor | None = None  # where its contribution is being decoded, chunk by chunk
     weight: float = 0.0
     result: tuple[tuple[int, ...], float] | None = None  # (contributors, weight) of its shard, once received whole
     staging: torch.Tensor | None = None
@@ -119,6 +120,9 @@ class Round:
         self.peers = {r: _Peer(r) for r in range(group.size) if r != self.rank}
         self.tag = f"[{short_peer_id(plane.identity.peer_id)}/{group.round_id.hex()[:8]}]"
         self.my_result: torch.Tensor | None = None
+        self._own: torch.Tensor | None = None  # my shard of my tensors (see _own_data)
+        self._arrived: dict[int, int] = {}  # chunk offset of my shard -> peers whose piece of it is in
+        self.averaged_early: set[int] = set()  # chunks of my shard averaged over every member as they came in
         self.my_contributors: tuple[int, ...] = (self.rank,)
         self.my_result_weight = self.weight
         self.encoded_result: list[tuple[bytes, list[memoryview]]] = []
@@ -384,9 +388,11 @@ class Round:
             )
             if weight is None:
                 weight = header["weight"]
+                peer.weight, peer.receiving = weight, target
             elif header["weight"] != weight:
                 raise ProtocolError(f"weight changed from {weight} to {header['weight']} within a contribution")
             await self._receive_chunk(peer, header["codec"], layout, target[offset : offset + length], "reduce")
+            self._average_early(offset, length)
         peer.contribution, peer.weight = target, weight if weight is not None else 1.0
 
     async def _receive_result(self, peer: _Peer) -> None:
@@ -475,22 +481,53 @@ class Round:
             return self.tensors[piece.tensor].detach().reshape(-1)[piece.start : piece.end]
         return self.plan.extract(self.tensors, shard)
 
+    def _own_data(self) -> torch.Tensor:
+        """My shard of my tensors (a copy when it spans several tensors, made once per round)."""
+        if self._own is None:
+            self._own = self._shard_data(self.rank)
+        return self._own
+
+    def _contributions(self, ranks: Sequence[int], lo: int, hi: int) -> list[tuple[torch.Tensor, float]]:
+        """Elements ``[lo, hi)`` of the contributions of ``ranks`` to my shard, with their weights, in rank order."""
+        pieces = []
+        for rank in sorted(ranks):
+            if rank == self.rank:
+                pieces.append((self._own_data()[lo:hi], self.weight))
+            else:
+                peer = self.peers[rank]
+                assert peer.receiving is not None
+                pieces.append((peer.receiving[lo:hi], peer.weight))
+        return pieces
+
+    def _average_early(self, offset: int, length: int) -> None:
+        """Average a chunk of my shard once every member's piece of it is in, so that when all contributions
+        arrive whole the owner's reduce is already done, overlapped with receiving. The same operations as
+        :meth:`_reduce_own_shard` on the same elements give the same bits; if a member is left out after all,
+        that recomputes the average from the contributors."""
+        self._arrived[offset] = self._arrived.get(offset, 0) + 1
+        if self._arrived[offset] < len(self.peers) or any(p.excluded for p in self.peers.values()):
+            return
+        size = self.plan.sizes[self.rank]
+        weighted_average(
+            self._contributions(range(self.group.size), offset, offset + length),
+            out=self.buffers.get("average", size)[offset : offset + length],
+            scratch=self.buffers.get("scratch", size)[offset : offset + length],
+        )
+        self.averaged_early.add(offset)
+
     def _reduce_own_shard(self) -> torch.Tensor | None:
         """The weighted average of the contributions to my shard (None for an all-gather alone)."""
-        own = self._shard_data(self.rank)
+        own = self._own_data()
         if self.reduce:
-            contributions = [(own, self.weight)]
-            ranks = [self.rank]
-            for peer in sorted(self.peers.values(), key=lambda p: p.rank):
-                if peer.contribution is not None:
-                    contributions.append((peer.contribution, peer.weight))
-                    ranks.append(peer.rank)
-            order = sorted(range(len(ranks)), key=ranks.__getitem__)  # rank order: everyone's oracle order
-            averaged = weighted_average(
-                [contributions[i] for i in order],
-                out=self.buffers.get("average", own.numel()),
-                scratch=self.buffers.get("scratch", own.numel()),
-            )
+            ranks = [self.rank, *(p.rank for p in self.peers.values() if p.contribution is not None)]
+            contributions = self._contributions(ranks, 0, own.numel())
+            average = self.buffers.get("average", own.numel())
+            everyone = len(ranks) == self.group.size
+            if everyone and len(self.averaged_early) == len(_chunks(own.numel(), self.config.chunk_elems)):
+                averaged = average  # done chunk by chunk while the contributions came in
+            else:
+                scratch = self.buffers.get("scratch", own.numel())
+                averaged = weighted_average(contributions, out=average, scratch=scratch)
             self.my_contributors = tuple(sorted(ranks))
             self.my_result_weight = float(sum(w for _, w in contributions))
             return averaged
@@ -516,10 +553,7 @@ class Round:
                 if not lossless:
                     decode(enc, out=decoded[offset : offset + length])
             result = decoded
-        average = self.buffers.peek("average")
-        if average is not None and result.untyped_storage().data_ptr() == average.untyped_storage().data_ptr():
-            result = result.clone()  # the pool rewrites its buffer next round; RoundResult.shard outlives it
-        self.my_result = result
+        self.my_result = result  # may be the pool's buffer: _commit hands RoundResult a tensor of its own
 
     # ------------------------------------------------------------------------------------------ endings
 
@@ -564,13 +598,30 @@ class Round:
             committed.append(shard)
         self._restore_residuals(contributors)
         missing = tuple(s for s in range(self.group.size) if s not in committed) if self.gather else ()
+        shard = self._own_shard(self.rank in committed and self.gather)
         return RoundResult(
             rank=self.rank, group=self.group, plan=self.plan, committed=tuple(committed), missing_shards=missing,
             faulty=tuple(sorted(self.dropped)), contributors=contributors,
-            excluded={p.rank: p.excluded for p in self.peers.values() if p.excluded}, shard=self.my_result,
+            excluded={p.rank: p.excluded for p in self.peers.values() if p.excluded}, shard=shard,
             planes={r: p.plane for r, p in self.peers.items()}, timings=self.timings, reduced=self.reduce,
             bytes_sent=self.bytes_sent, bytes_received=self.bytes_received,
         )  # fmt: skip
+
+    def _own_shard(self, in_out: bool) -> torch.Tensor | None:
+        """This member's result for :class:`RoundResult`, which outlives the pool's buffers. Once the result is in
+        ``out`` and lies in one tensor, a view of it (copying 1/G of the model per round into fresh memory was
+        a tenth of a member's CPU time, page faults included); otherwise a copy where it is the pool's buffer."""
+        result = self.my_result
+        if result is None:
+            return None
+        pieces = self.plan.slices_for(self.rank)
+        if in_out and len(pieces) == 1:
+            piece = pieces[0]
+            return self.out[piece.tensor].detach().view(-1)[piece.start : piece.end]
+        average = self.buffers.peek("average")
+        if average is not None and result.untyped_storage().data_ptr() == average.untyped_storage().data_ptr():
+            return result.clone()
+        return result
 
     def _restore_residuals(self, contributors: dict[int, tuple[int, ...]]) -> None:
         """Error feedback: what an owner did not average in (or a dropped shard) goes back into the residual,

@@ -11,7 +11,10 @@ round, until stdin closes. A job::
 
     {"members": [{"peer_id", "direct", "maddrs"}...], "round_id": hex, "config": {CollectiveConfig fields},
      "op": "all_reduce" | "sharded_step", "sizes": [numel...], "seed": int, "weight": float, "rounds": int,
-     "fault": {"phase", "kind", "seed"} | null, "save": path | null}
+     "fault": {"phase", "kind", "seed"} | null, "save": path | null, "barrier": bool (optional)}
+
+With ``barrier``, before each round the worker prints ``{"round", "rank", "barrier": true}`` and waits for one
+line on stdin (:meth:`WorkerProcess.release`), so a parent can start every member's round at the same moment.
 
 Inputs are generated from ``seed`` and the member's rank (:func:`make_inputs`), so the parent can compute
 the expected result itself. ``sharded_step`` does one SGD step (lr :data:`LR`) of parameters that are the
@@ -110,6 +113,10 @@ async def _run_job(plane: DataPlane, job: dict[str, Any]) -> None:
         if params is None and index:
             for w, t in zip(work, inputs, strict=True):  # fresh inputs without fresh memory (page faults)
                 w.copy_(t)
+        if job.get("barrier"):  # start together, as gloo's dist.barrier() makes its ranks do
+            _emit({"round": index, "rank": rank, "barrier": True})
+            if not await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline):
+                return
         started = time.perf_counter()
         try:
             if params is None:
@@ -178,6 +185,12 @@ class WorkerProcess:
     def submit(self, job: dict[str, Any]) -> None:
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+
+    def release(self) -> None:
+        """Let a worker waiting at a ``barrier`` start its round."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
         self.proc.stdin.flush()
 
     def read(self, timeout: float) -> dict[str, Any]:

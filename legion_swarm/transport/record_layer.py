@@ -70,6 +70,11 @@ def _expand(secret: bytes, label: bytes, length: int) -> bytes:
     return HKDFExpand(hashes.SHA256(), length, info=PROTOCOL.encode() + b" " + label).derive(secret)
 
 
+def record_size(plaintext_bytes: int) -> int:
+    """Bytes on the wire of a record carrying ``plaintext_bytes``."""
+    return HEADER_BYTES + plaintext_bytes + TAG_BYTES
+
+
 def parse_header(header: BytesLike) -> tuple[int, int]:
     """(flags, plaintext length) of a record header; ``ProtocolError`` before anything is read or allocated."""
     (word,) = _HEADER.unpack(header)
@@ -111,15 +116,21 @@ class RecordCipher:
         self.counter += 1
         return nonce
 
-    def seal(self, plaintext: BytesLike, flags: int) -> bytearray:
-        """Header + ciphertext + tag of one record, in a fresh buffer (transports may keep a reference to it)."""
+    def seal(self, plaintext: BytesLike, flags: int, into: bytearray | None = None) -> memoryview:
+        """Header + ciphertext + tag of one record: the first :func:`record_size` bytes of ``into`` (a buffer no
+        transport holds any more), or of a fresh buffer."""
         n = len(memoryview(plaintext))
         if n > MAX_RECORD_PLAINTEXT:
             raise ValueError(f"record plaintext of {n} bytes exceeds {MAX_RECORD_PLAINTEXT}")
-        record = bytearray(HEADER_BYTES + n + TAG_BYTES)
+        size = record_size(n)
+        if into is None:
+            into = bytearray(size)
+        elif len(into) < size:
+            raise ValueError(f"a record of {size} bytes does not fit a buffer of {len(into)}")
+        record = memoryview(into)[:size]
         header = _HEADER.pack(flags | (n + TAG_BYTES))
         record[:HEADER_BYTES] = header
-        self._aead.encrypt_into(self.next_nonce(), plaintext, header, memoryview(record)[HEADER_BYTES:])
+        self._aead.encrypt_into(self.next_nonce(), plaintext, header, record[HEADER_BYTES:])
         return record
 
     def open(self, header: BytesLike, ciphertext: BytesLike) -> bytes:

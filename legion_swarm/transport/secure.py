@@ -47,6 +47,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +72,7 @@ from legion_swarm.transport.record_layer import (
     Role,
     derive_traffic_secrets,
     parse_header,
+    record_size,
     signature_payload,
     transcript_hash,
 )
@@ -83,6 +86,7 @@ HANDSHAKE_MAX_BYTES = 8192
 _NONCE_BYTES = 32
 _EPHEMERAL_BYTES = 32
 _READ_AHEAD = 64 * 1024  # bytes read past the current record: several small records per read syscall
+_SPARE_RECORDS = 8  # sealed-record buffers a channel keeps for reuse (8 MiB at most)
 
 
 # ------------------------------------------------------------------------------------------------ channel
@@ -119,6 +123,7 @@ class SecureChannel(MessageChannel[_Receive]):
         self._buffer = memoryview(bytearray(HEADER_BYTES + MAX_RECORD_PLAINTEXT + TAG_BYTES + _READ_AHEAD))
         self._filled = 0  # bytes in _buffer; the current record starts at 0
         self._header: tuple[int, int] | None = None  # (flags, plaintext length) once 4 bytes are in
+        self._records: deque[bytearray] = deque()  # buffers records were sealed into, for reuse
         self._need = HEADER_BYTES  # bytes of the current record, known once its header is parsed
         # Take the connection over from the StreamReaderProtocol that carried the handshake. Nothing is
         # buffered there: the handshake is lock-step until this side's first record.
@@ -137,7 +142,9 @@ class SecureChannel(MessageChannel[_Receive]):
                     self._check_connected()
                     chunk = view[offset : offset + MAX_RECORD_PLAINTEXT]
                     offset += len(chunk)
-                    self._transport.write(self._tx.seal(chunk, FLAG_END if offset == total else 0))
+                    record = self._tx.seal(chunk, FLAG_END if offset == total else 0, self._record_buffer())
+                    self._transport.write(record)
+                    del record  # the transport's reference alone tells whether the buffer is still in use
                     partial = offset != total
                     await self._writable.wait()  # cleared above the transport's high-water mark
                     if not partial:
@@ -151,6 +158,22 @@ class SecureChannel(MessageChannel[_Receive]):
                 else:
                     self._fail(e)
                 raise
+
+    def _record_buffer(self) -> bytearray:
+        """A buffer for the next sealed record that nothing else references any more, or a new one.
+
+        A transport keeps (a view of) what it could not send at once until it has sent it; CPython's reference
+        count says when that is over. Reusing the buffers saves zero-filling, and often faulting in, a fresh MiB
+        per record."""
+        records = self._records
+        for _ in range(len(records)):
+            if sys.getrefcount(records[0]) == 2:  # the deque's reference and getrefcount's argument
+                return records[0]
+            records.rotate(-1)
+        buffer = bytearray(record_size(MAX_RECORD_PLAINTEXT))
+        if len(records) < _SPARE_RECORDS:
+            records.appendleft(buffer)
+        return buffer
 
     # -------------------------------------------------------------------------------------- receiving
 
