@@ -78,6 +78,24 @@ def test_processes_all_reduce_exactly(n_members: int, tmp_path: Path) -> None:
             assert torch.equal(got, want)
 
 
+def test_barrier_jobs_wait_for_release_before_each_round() -> None:
+    workers = spawn(2)
+    try:
+        spec = job(workers, rounds=2, barrier=True)
+        for w in workers:
+            w.submit(spec)
+        for index in range(2):
+            assert [w.read(30) for w in workers] == [{"round": index, "rank": r, "barrier": True} for r in range(2)]
+            with pytest.raises(TimeoutError):  # nobody starts a round before the parent says so
+                workers[0].read(1.0)
+            for w in workers:
+                w.release()
+            reports = [w.read(30) for w in workers]
+            assert [(r["round"], r["missing_shards"]) for r in reports] == [(index, []), (index, [])]
+    finally:
+        close_all(workers)
+
+
 @pytest.mark.parametrize("plane", ["libp2p", "auto"])
 def test_processes_over_libp2p_streams(plane: str, tmp_path: Path) -> None:
     """``libp2p``: p2pd streams only. ``auto`` with one member serving no direct endpoint: the pairs with it
