@@ -28,3 +28,20 @@ def test_dht_benchmark_at_small_size_prints_json() -> None:
     size = report["sizes"]["4"]
     assert size["status_complete"] is True
     assert size["ours"]["join_median_s"] > 0 and size["ratio_join"] > 0
+
+
+@pytest.mark.parametrize("side", ["base", "diloco"])
+def test_recipes_benchmark_at_small_size_trains(side: str) -> None:
+    result = run(
+        "benchmarks/bench_recipes.py", "--side", side, "--rounds", "2", "--inner-steps", "2", "--schedule", "cosine",
+        "--warmup", "2", timeout=200,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["side"] == side and report["schedule"] == "cosine"
+    assert 0 < report["val_loss"] < 5.5  # below the untrained model's ~5.55 after 4 steps at lr 1e-3
+
+
+def test_recipes_benchmark_rejects_a_bad_argument() -> None:
+    result = run("benchmarks/bench_recipes.py", "--side", "diloco", "--rounds", "0", timeout=60)
+    assert result.returncode == 2 and "--rounds" in result.stderr
