@@ -8,6 +8,7 @@ from hivemind.p2p import PeerID
 from hivemind.proto import p2pd_pb2
 
 from legion_swarm.peer import SwarmPeer
+from legion_swarm.transport.identity import short_peer_id
 from tests.conftest import eventually
 from tests.test_peer import config, until_members
 
@@ -63,6 +64,8 @@ async def test_reconnect_reports_failure_when_nobody_it_knows_answers() -> None:
         assert a.reconnector is not None
         a.reconnector.dial_timeout_s = 2.0
         assert await a.reconnector.reconnect() is False
+        assert list(a.reconnector.failures) == [short_peer_id(boot.peer_id)]  # each failure says why
+        assert a.reconnector.failures[short_peer_id(boot.peer_id)]
     finally:
         if a is not None:
             await a.aclose()

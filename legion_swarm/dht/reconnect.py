@@ -63,6 +63,8 @@ class Reconnector:
         """Peer id → addresses, least recently seen first."""
         self.reconnects = 0
         self.last_reconnect_s: float | None = None
+        self.failures: dict[str, str] = {}
+        """Why each remembered peer did not answer the last reconnection attempt (short peer id → reason)."""
         """Seconds the last reconnection took, from noticing the cut to the first answering peer."""
 
     def remember(self, peers: Iterable[tuple[str, Iterable[str]]]) -> None:
@@ -103,7 +105,10 @@ class Reconnector:
             )  # fmt: skip
             started = time.perf_counter()
             while not await self.reconnect():
-                logger.info("[%s] no known peer answered; trying again in %.0f s", self.host.short_id, backoff)
+                logger.warning(
+                    "[%s] no known peer answered (%s); trying again in %.0f s", self.host.short_id,
+                    ", ".join(f"{p}: {why}" for p, why in self.failures.items()) or "none known", backoff,
+                )  # fmt: skip
                 await asyncio.sleep(backoff)
                 backoff = min(2 * backoff, self.max_backoff_s)
             self.reconnects += 1
@@ -114,6 +119,7 @@ class Reconnector:
         """Dial remembered peers, most recent first; True once one answered a DHT ping (and the rest were
         tried too: the routing table should hold more than one neighbour)."""
         answered = 0
+        self.failures = {}
         for peer_id, addrs in reversed(list(self.seen.items())):
             try:
                 async with asyncio.timeout(self.dial_timeout_s):
@@ -121,8 +127,11 @@ class Reconnector:
                     node_id = await self.dht.node.protocol.call_ping(PeerID.from_base58(peer_id))
             except (TimeoutError, OSError, ValueError, LegionError) as e:
                 logger.debug("[%s] %s did not answer: %r", self.host.short_id, short_peer_id(peer_id), e)
+                self.failures[short_peer_id(peer_id)] = repr(e)
                 continue
-            if node_id is not None:
+            if node_id is None:
+                self.failures[short_peer_id(peer_id)] = "connected, but no answer to a DHT ping"
+            else:
                 answered += 1
                 if answered >= 3:  # enough neighbours to find the rest through the DHT
                     break
@@ -130,8 +139,9 @@ class Reconnector:
             return False
         logger.info("[%s] reconnected to the swarm through %d peers", self.host.short_id, answered)
         if self.on_reconnect is not None:
-            try:
-                await self.on_reconnect()
+            try:  # bounded: a store that waits on dead replicas must not hold the reconnection up
+                async with asyncio.timeout(self.dial_timeout_s):
+                    await self.on_reconnect()
             except (TimeoutError, OSError, LegionError) as e:  # the next heartbeat publishes again anyway
                 logger.info("[%s] republishing after reconnecting failed: %r", self.host.short_id, e)
         return True
