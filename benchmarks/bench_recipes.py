@@ -1,9 +1,10 @@
 """Which optimiser recipe closes the DiLoCo gap? Single-process DiLoCo with N simulated workers against the AdamW
 baseline on the same shards and tokens, with an lr schedule and outer momentum of choice, in one process.
 
-The swarm's ``diloco`` mode equals this reference to fp32 tolerance without compression (``tests``), so a recipe
-can be tried here in ~3.5 min per side on one core instead of a full ``bench_training.py`` run. Both sides get the
-same schedule: the step count is the local step (``round x H + h``) for DiLoCo, the step for the baseline.
+The sides are ``train_baseline`` and ``reference_diloco``, which the swarm's ``diloco`` mode equals to fp32
+tolerance without compression (``tests``), so a recipe can be tried here in ~3.5 min per side on one core
+instead of a full ``bench_training.py`` run. Both sides get the same schedule: the step count is the local
+step (``round x H + h``) for DiLoCo, the step for the baseline.
 
     python benchmarks/bench_recipes.py --side base --shards 0,1,2,3
     python benchmarks/bench_recipes.py --side diloco --shards 0,1,2,3 --outer-momentum 0.8
@@ -17,16 +18,17 @@ linear decay to 10 % over the last quarter).
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import json
 import math
 import time
 
 import torch
 
+from legion_swarm.train.baseline import train_baseline
 from legion_swarm.train.data import ShardReader, evaluate, load_tokens, val_batches
 from legion_swarm.train.model import build_model
-from legion_swarm.train.modes import forward_backward, trainable
+from legion_swarm.train.reference import reference_diloco
 from legion_swarm.train.swarm_config import SwarmSpec
 
 MIN_LR_RATIO = 0.1
@@ -65,46 +67,25 @@ def main() -> None:
     torch.set_num_threads(1)
 
     spec = SwarmSpec()
-    data = load_tokens(spec.data)
-    seq_len, batch, train = spec.model.seq_len, spec.data.batch_size, spec.train
-    assert seq_len is not None
+    spec = dataclasses.replace(spec, train=dataclasses.replace(
+        spec.train, lr=args.lr, outer_lr=args.outer_lr, outer_momentum=args.outer_momentum,
+    ))  # fmt: skip
     total = args.rounds * args.inner_steps
+
+    def lr(step: int) -> float:
+        return lr_at(args.schedule, step, total, args.lr, args.warmup)
+
     started = time.perf_counter()
-    model = build_model(spec.model)
-    readers = [ShardReader(data.shard(i), seq_len, batch, seed=spec.data.seed + i) for i in shards]
-
-    def step(optimizer: torch.optim.Optimizer, net: torch.nn.Module, batch_: tuple, index: int) -> None:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(args.schedule, index, total, args.lr, args.warmup)
-        optimizer.zero_grad(set_to_none=False)
-        forward_backward(net, batch_)
-        if train.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(trainable(net), train.grad_clip)
-        optimizer.step()
-
-    if args.side == "base":  # one batch from every shard per step, as bench_training's baseline
-        optimizer = torch.optim.AdamW(trainable(model), **train.adamw())
-        for index in range(total):
-            pieces = [next(r) for r in readers]
-            step(optimizer, model, (torch.cat([x for x, _ in pieces]), torch.cat([y for _, y in pieces])), index)
-    else:
-        anchor = trainable(model)
-        outer = torch.optim.SGD(anchor, lr=args.outer_lr, momentum=args.outer_momentum, nesterov=True)
-        workers = [copy.deepcopy(model) for _ in shards]
-        inner = [torch.optim.AdamW(trainable(w), **train.adamw()) for w in workers]
-        for r in range(args.rounds):
-            for worker, optimizer, reader in zip(workers, inner, readers, strict=True):
-                for h in range(args.inner_steps):
-                    step(optimizer, worker, next(reader), r * args.inner_steps + h)
-            with torch.no_grad():
-                for i, a in enumerate(anchor):  # equal batches: the sample-weighted average is the plain mean
-                    a.grad = sum(a - trainable(w)[i] for w in workers) / len(workers)
-            outer.step()
-            with torch.no_grad():
-                for worker in workers:
-                    for p_, a in zip(trainable(worker), anchor, strict=True):
-                        p_.copy_(a)
-    val = evaluate(model, val_batches(data.val, seq_len, batch, 8))
+    if args.side == "base":  # one batch from every shard per step: bench_training's baseline
+        val = train_baseline(spec, total, batch_multiplier=len(shards), shards=shards, lr_at=lr).val_loss
+    else:  # each worker reads its shard as the peer leasing it would
+        data = load_tokens(spec.data)
+        seq_len, batch = spec.model.seq_len, spec.data.batch_size
+        assert seq_len is not None
+        readers = [ShardReader(data.shard(i), seq_len, batch, seed=spec.data.seed + i) for i in shards]
+        rounds = [[[next(r) for _ in range(args.inner_steps)] for r in readers] for _ in range(args.rounds)]
+        model = reference_diloco(build_model(spec.model), rounds, spec.train, lr_at=lr)
+        val = evaluate(model, val_batches(data.val, seq_len, batch, 8))
     print(json.dumps({
         "side": args.side, "shards": shards, "schedule": args.schedule, "lr": args.lr, "warmup": args.warmup,
         "outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum, "rounds": args.rounds,

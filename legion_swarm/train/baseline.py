@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -37,10 +37,11 @@ class BaselineResult:
 
 def train_baseline(
     spec: SwarmSpec, steps: int, *, batch_multiplier: int = 1, shards: Sequence[int] | None = None,
-    eval_batches: int = 8,
+    eval_batches: int = 8, lr_at: Callable[[int], float] | None = None,
 ) -> BaselineResult:  # fmt: skip
     """AdamW on one process; every step takes one batch from each of ``batch_multiplier`` shards: ``shards``
-    (e.g. the ones the swarm's peers leased, for a like-for-like comparison), or ``0 .. batch_multiplier-1``."""
+    (e.g. the ones the swarm's peers leased, for a like-for-like comparison), or ``0 .. batch_multiplier-1``.
+    ``lr_at``: the learning rate of each 0-based step (default: the spec's lr throughout)."""
     data = load_tokens(spec.data)
     model = build_model(spec.model)
     seq_len, batch = spec.model.seq_len, spec.data.batch_size
@@ -56,6 +57,9 @@ def train_baseline(
     for step in range(1, steps + 1):
         pieces = [next(r) for r in readers]
         inputs, targets = torch.cat([x for x, _ in pieces]), torch.cat([y for _, y in pieces])
+        if lr_at is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step - 1)
         optimizer.zero_grad(set_to_none=False)
         loss = forward_backward(model, (inputs, targets))
         if spec.train.grad_clip is not None:

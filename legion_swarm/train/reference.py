@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -33,19 +33,25 @@ def reference_sync(model: torch.nn.Module, steps: Sequence[Sequence[Batch]], con
 
 
 def reference_diloco(
-    model: torch.nn.Module, rounds: Sequence[Sequence[Sequence[Batch]]], config: TrainConfig
-) -> torch.nn.Module:
+    model: torch.nn.Module, rounds: Sequence[Sequence[Sequence[Batch]]], config: TrainConfig,
+    lr_at: Callable[[int], float] | None = None,
+) -> torch.nn.Module:  # fmt: skip
     """Train ``model`` (the global parameters) in place: ``rounds[k][w]`` are worker ``w``'s inner batches in
-    outer round ``k``. Inner AdamW state persists per worker across rounds, as it does on a peer."""
+    outer round ``k``. Inner AdamW state persists per worker across rounds, as it does on a peer. ``lr_at``:
+    the inner learning rate of each worker's 0-based local step (default: ``config.lr`` throughout)."""
     global_params = trainable(model)
     outer = torch.optim.SGD(global_params, lr=config.outer_lr, momentum=config.outer_momentum, nesterov=True)
     n_workers = len(rounds[0])
     workers = [copy.deepcopy(model) for _ in range(n_workers)]
     inner = [torch.optim.AdamW(trainable(w), **config.adamw()) for w in workers]
+    local_steps = [0] * n_workers
     for per_worker in rounds:
         samples = []
-        for worker, optimizer, batches in zip(workers, inner, per_worker, strict=True):
+        for w, (worker, optimizer, batches) in enumerate(zip(workers, inner, per_worker, strict=True)):
             for batch in batches:
+                if lr_at is not None:
+                    _set_lr(optimizer, lr_at(local_steps[w]))
+                local_steps[w] += 1
                 optimizer.zero_grad(set_to_none=False)
                 forward_backward(worker, batch)
                 if config.grad_clip is not None:
@@ -61,3 +67,8 @@ def reference_diloco(
                 for p, g in zip(trainable(worker), global_params, strict=True):
                     p.copy_(g)
     return model
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
