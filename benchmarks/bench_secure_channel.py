@@ -13,9 +13,9 @@ times (medians reported), so all of them see the same machine load:
 - ``secure_recv_into``: ``SecureChannel.send`` → ``recv_into`` a preallocated buffer (the data-plane path);
 - ``secure_recv``: the same sender → ``recv`` (returns bytes: one more copy for multi-record messages).
 
-Also reported: AES-256-OCB3 (the record cipher) vs AES-256-GCM vs ChaCha20-Poly1305 seal / open speed on
-1 MiB records (one core, in process, ``encrypt_into`` / ``decrypt_into``), and the handshake time seen by
-the initiator (both signatures, confirmation included).
+Also reported: AES-128-OCB3 (the record cipher) vs AES-256-OCB3, AES-128/256-GCM and ChaCha20-Poly1305
+seal / open speed on 1 MiB records (one core, in process, ``encrypt_into`` / ``decrypt_into``), and the
+handshake time seen by the initiator (both signatures, confirmation included).
 
     python benchmarks/bench_secure_channel.py                   # 256 MiB per transfer, 3 repeats
     python benchmarks/bench_secure_channel.py --total-mib 16 --repeats 1
@@ -76,8 +76,10 @@ def bench_ciphers(repeats: int = 30) -> dict[str, dict[str, float]]:
     record = os.urandom(MAX_RECORD_PLAINTEXT)
     sealed, opened = bytearray(len(record) + 16), bytearray(len(record))
     out = {}
-    for name, cls in (("aes_256_ocb3", AESOCB3), ("aes_256_gcm", AESGCM), ("chacha20_poly1305", ChaCha20Poly1305)):
-        aead, nonce, aad = cls(os.urandom(32)), os.urandom(12), b"\x80\x10\x00\x10"
+    ciphers = (("aes_128_ocb3", AESOCB3, 16), ("aes_256_ocb3", AESOCB3, 32), ("aes_128_gcm", AESGCM, 16),
+               ("aes_256_gcm", AESGCM, 32), ("chacha20_poly1305", ChaCha20Poly1305, 32))  # fmt: skip
+    for name, cls, key_bytes in ciphers:
+        aead, nonce, aad = cls(os.urandom(key_bytes)), os.urandom(12), b"\x80\x10\x00\x10"
         seal_s = timed(lambda aead=aead, nonce=nonce, aad=aad: aead.encrypt_into(nonce, record, aad, sealed), repeats)
         open_s = timed(lambda aead=aead, nonce=nonce, aad=aad: aead.decrypt_into(nonce, sealed, aad, opened), repeats)
         out[name] = {"seal_gbps": gbps(len(record), seal_s), "open_gbps": gbps(len(record), open_s)}

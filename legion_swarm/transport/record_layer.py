@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 from legion_swarm.errors import AuthenticationError, ProtocolError
 
-PROTOCOL = "legion-swarm/secure/2"
+PROTOCOL = "legion-swarm/secure/3"
 """Version string; bound into the transcript, so peers of different versions never agree on keys."""
 
 MAX_RECORD_PLAINTEXT = 1 << 20
@@ -28,6 +28,8 @@ REKEY_RECORDS = 1 << 16
 """Records per key before the implicit key update (64 GiB at full records)."""
 
 TAG_BYTES = 16
+KEY_BYTES = 16
+"""AES-128: 128-bit security, as TLS 1.3's default suite; 10 rounds against AES-256's 14 (1.5x the speed here)."""
 FLAG_END = 1 << 31
 FLAG_CLOSE = 1 << 30
 _LENGTH_MASK = FLAG_CLOSE - 1
@@ -89,7 +91,7 @@ def parse_header(header: BytesLike) -> tuple[int, int]:
 
 
 class RecordCipher:
-    """One direction's record protection: AES-256-OCB3 key, IV, record counter and implicit key updates.
+    """One direction's record protection: AES-128-OCB3 key, IV, record counter and implicit key updates.
 
     Sender and receiver of a direction build one each from the same secret; their counters advance in step.
     """
@@ -102,7 +104,7 @@ class RecordCipher:
         self._install()
 
     def _install(self) -> None:
-        self._aead = AESOCB3(_expand(self._secret, b"key", 32))
+        self._aead = AESOCB3(_expand(self._secret, b"key", KEY_BYTES))
         self._iv = int.from_bytes(_expand(self._secret, b"iv", 12), "big")
 
     def next_nonce(self) -> bytes:
