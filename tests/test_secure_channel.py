@@ -28,10 +28,11 @@ from legion_swarm.transport.record_layer import (
     RecordCipher,
     derive_traffic_secrets,
     parse_header,
+    record_size,
     signature_payload,
     transcript_hash,
 )
-from legion_swarm.transport.secure import SecureChannel, secure_accept, secure_connect
+from legion_swarm.transport.secure import RECORD_BUFFERS, RecordBuffers, SecureChannel, secure_accept, secure_connect
 from tests.conftest import eventually
 
 pytestmark = pytest.mark.timeout(30)
@@ -227,22 +228,35 @@ async def test_messages_sent_ahead_of_the_receiver_arrive_in_order_before_the_cl
             await b.recv(10)
 
 
-async def test_a_sealed_record_buffer_is_reused_only_once_nothing_else_holds_it(ids: dict[str, Identity]) -> None:
+def test_a_sealed_record_buffer_is_reused_only_once_nothing_else_holds_it() -> None:
+    pool = RecordBuffers(keep=3)
+    held = memoryview(pool.take())  # what a transport keeps of a record it could not send yet
+    other = pool.take()
+    assert other is not held.obj and len(pool) == 2
+    third = pool.take()  # both still referenced: a third buffer
+    assert third is not other and third is not held.obj
+    fourth = pool.take()  # past ``keep``: handed out, not pooled
+    assert len(pool) == 3 and all(fourth is not b for b in (held.obj, other, third))
+    del held, other, third, fourth
+    again = pool.take()
+    assert len(pool) == 3 and len(again) == record_size(MAX_RECORD_PLAINTEXT)
+    assert pool.take() is not again  # ``again`` is still referenced here
+
+
+async def test_channels_share_sealed_record_buffers(ids: dict[str, Identity]) -> None:
+    pooled = []
     async with responding(ids["B"]) as (responder, port):
-        a = await connect(port, ids["A"], ids["B"])
-        b = await responder.channel()
-        held = memoryview(a._record_buffer())  # what a transport keeps of a record it could not send yet
-        other = a._record_buffer()
-        assert other is not held.obj and len(a._records) == 2
-        third = a._record_buffer()  # both still referenced: a third buffer
-        assert third is not other and third is not held.obj
-        del held, other, third
-        again = a._record_buffer()
-        assert len(a._records) == 3 and any(again is r for r in a._records)  # no new buffer once they are free
-        data = payload(12 * MiB + 5)  # more records than the channel keeps buffers for
-        _, got = await asyncio.gather(a.send(data), b.recv(13 * MiB))
-        assert got == data and len(a._records) <= 8
-        await a.aclose()
+        for _ in range(3):  # a new channel per round, as collectives open them
+            a = await connect(port, ids["A"], ids["B"])
+            b = await responder.channel()
+            data = payload(12 * MiB + 5)  # 13 records
+            _, got = await asyncio.gather(a.send(data), b.recv(13 * MiB))
+            assert got == data
+            pooled.append({id(buffer) for buffer in RECORD_BUFFERS._pool})
+            await a.aclose()
+            await b.aclose()
+    assert 0 < len(pooled[0]) <= RECORD_BUFFERS.keep
+    assert pooled[0] == pooled[1] == pooled[2]  # later channels sealed into the first one's buffers
 
 
 async def _send_all_then_close(channel: SecureChannel, messages: list[bytes]) -> None:
