@@ -28,6 +28,7 @@ from legion_swarm.codecs import (
     get_codec,
     to_wire,
 )
+from legion_swarm.codecs.base import all_finite, check_finite_range
 from legion_swarm.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -492,3 +493,40 @@ def test_benchmark_script_runs_small() -> None:
     assert report["codecs"]["none"]["max_abs_err"] == 0
     assert "hivemind_fp16" in report and "hivemind_8bit" in report
     assert "int8_encode_vs_hivemind_8bit" in report["ratios"]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_one_pass_finiteness_and_range_checks_agree_with_an_exact_oracle(seed: int) -> None:
+    # The fast path decides from x·x; huge finite values (whose squares overflow) and values a hair from the
+    # limit go to min / max. Either way the answer must be exactly torch's.
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(5000, generator=gen) * 10.0 ** float(torch.randint(-30, 39, (1,), generator=gen))
+    picks = [
+        float("nan"),
+        float("inf"),
+        float("-inf"),
+        float(torch.finfo(torch.float32).max),
+        -2e19,
+        65504.0,
+        65505.0,
+        -65504.0,
+        1e-40,
+    ]
+    for i in torch.randint(0, 5000, (int(torch.randint(0, 3, (1,), generator=gen)),), generator=gen).tolist():
+        x[i] = picks[int(torch.randint(0, len(picks), (1,), generator=gen))]
+    assert all_finite(x) == bool(torch.isfinite(x).all())
+    for limit in (65504.0, float(torch.finfo(torch.bfloat16).max), float(torch.finfo(torch.float32).max)):
+        ok = bool(torch.isfinite(x).all()) and float(x.abs().max()) <= limit
+        try:
+            check_finite_range(x, limit, "x")
+            assert ok, f"accepted a tensor outside ±{limit}"
+        except CodecError:
+            assert not ok, f"refused a tensor within ±{limit}"
+
+
+def test_finite_values_whose_squares_overflow_are_still_accepted() -> None:
+    x = torch.tensor([3e38, -3e38, 1.0])
+    none = get_codec("none")
+    enc = none.encode(x)
+    header, buffers = to_wire(enc)
+    assert torch.equal(none.decode(from_wire(header, [bytearray(b) for b in buffers], numel=3)), x)

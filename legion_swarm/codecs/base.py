@@ -225,6 +225,28 @@ def min_max(x: torch.Tensor) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def minimum(x: torch.Tensor) -> float:
+    """Smallest element of a non-empty tensor (one pass where :func:`min_max` makes two)."""
+    if x.device.type == "cpu" and x.dtype in _NUMPY_REDUCIBLE:
+        return float(x.detach().numpy().min())
+    return float(x.min())
+
+
+def sum_of_squares(x: torch.Tensor) -> float:
+    """``x · x`` of a contiguous 1-D float32 tensor, accumulated in float32: one pass.
+
+    It is finite only if every element is: a NaN or an infinity makes it NaN or infinite, and squares are never
+    negative, so nothing cancels. And it bounds every element: accumulating non-negative terms never rounds below
+    one of them, so ``x_i ** 2 <= sum * (1 + 2**-23)``. BLAS ``sdot`` (single-threaded in numpy's OpenBLAS)
+    reads ~1.5x as fast as :func:`min_max`'s two passes (measured: 17 against 12 GB/s from memory)."""
+    if x.device.type == "cpu":
+        values = x.detach().numpy()
+        with np.errstate(over="ignore", invalid="ignore"):  # inf / NaN is the answer, not an accident
+            return float(np.dot(values, values))
+    return float(torch.dot(x, x))
+
+
+_SQUARE_MARGIN = 1 - 2.0**-20  # below the accumulated rounding of sum_of_squares' bound on one element
 _EXPONENT_MASKS = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
 
 
@@ -238,11 +260,11 @@ def all_finite_16bit(x: torch.Tensor) -> bool:
 
 
 def check_finite_range(x: torch.Tensor, limit: float, what: str) -> None:
-    """Raise :class:`CodecError` unless every element of ``x`` is finite with ``|x| <= limit``.
+    """Raise :class:`CodecError` unless every element of 1-D float32 ``x`` is finite with ``|x| <= limit``.
 
-    Two reduction passes (min and max propagate NaN and see ±inf), no temporary tensor.
-    """
-    if x.numel() == 0:
+    One pass (:func:`sum_of_squares`) decides when no element comes near ``limit``; otherwise min and max do,
+    and name the offending value."""
+    if x.numel() == 0 or sum_of_squares(x) <= limit * limit * _SQUARE_MARGIN:
         return
     lo, hi = min_max(x)
     if math.isnan(lo) or math.isnan(hi):
@@ -252,6 +274,14 @@ def check_finite_range(x: torch.Tensor, limit: float, what: str) -> None:
         if math.isinf(worst):
             raise CodecError(f"cannot encode {what}: tensor contains {worst}")
         raise CodecError(f"cannot encode {what}: value {worst:.6g} is outside the representable range ±{limit:.6g}")
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """True unless 1-D float32 ``x`` holds a NaN or an infinity; one pass unless its squares overflow."""
+    if x.numel() == 0 or math.isfinite(sum_of_squares(x)):
+        return True
+    lo, hi = min_max(x)  # |x| > ~1.8e19 somewhere: exact
+    return math.isfinite(lo) and math.isfinite(hi)
 
 
 def to_wire(enc: Encoded) -> tuple[bytes, list[memoryview]]:

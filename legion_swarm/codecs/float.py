@@ -21,7 +21,6 @@ should pick ``bf16`` / ``int8``, which cover the whole float32 range).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -31,11 +30,11 @@ from legion_swarm.codecs.base import (
     Codec,
     CodecError,
     Encoded,
+    all_finite,
     all_finite_16bit,
     check_finite_range,
     check_input,
     check_output,
-    min_max,
     register,
     require,
 )
@@ -89,8 +88,7 @@ class _CastCodec(Codec):
         if payload.numel():
             # Infinity and NaN are the only values that decode to something non-finite.
             if payload.dtype == torch.float32:
-                lo, hi = min_max(payload)
-                finite = math.isfinite(lo) and math.isfinite(hi)
+                finite = all_finite(payload)
             else:
                 finite = all_finite_16bit(payload)
             require(finite, f"{cls.name} payload contains NaN or infinity")

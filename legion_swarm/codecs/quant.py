@@ -41,7 +41,7 @@ from legion_swarm.codecs.base import (
     Encoded,
     check_input,
     check_output,
-    min_max,
+    minimum,
     register,
     require,
 )
@@ -196,7 +196,7 @@ class Int8Codec(_BlockQuant):
         q, scales = enc.buffers
         cls._check_scales(scales)
         # -128 is outside the symmetric code range the encoder produces.
-        require(q.numel() == 0 or min_max(q)[0] >= -cls.qmax, "int8 codes must be in [-127, 127]")
+        require(q.numel() == 0 or minimum(q) >= -cls.qmax, "int8 codes must be in [-127, 127]")
 
 
 @register
@@ -258,7 +258,7 @@ class Int4Codec(_BlockQuant):
         cls._check_scales(scales)
         if packed.numel():
             # Code 0 (= -8) is never produced; an odd numel's pad nibble must be the zero code 8.
-            require(min_max(packed & 15)[0] >= 1 and min_max(packed)[0] >= 16, "int4 codes must be in [1, 15]")
+            require(minimum(packed & 15) >= 1 and minimum(packed) >= 16, "int4 codes must be in [1, 15]")
             if enc.numel & 1:
                 require(int(packed[-1]) >> 4 == 8, "int4 pad nibble must be 8")
 
