@@ -11,7 +11,6 @@ import asyncio
 import os
 import socket
 import struct
-import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 import uvloop
+from crc32c import crc32c
 
 from legion_swarm.config import HostConfig
 from legion_swarm.errors import ChannelClosedError, PeerUnreachableError, ProtocolError
@@ -79,7 +79,7 @@ async def hosts() -> AsyncIterator[Hosts]:
 
 
 def frame(payload: bytes, crc: int | None = None) -> bytes:
-    return HEADER.pack(len(payload), zlib.crc32(payload) if crc is None else crc) + payload
+    return HEADER.pack(len(payload), crc32c(payload) if crc is None else crc) + payload
 
 
 async def test_messages_round_trip_both_ways(hosts: Hosts) -> None:
@@ -168,7 +168,7 @@ async def test_corrupt_frame_is_a_protocol_error_then_the_channel_is_closed(host
     _, writer, acceptor = await hosts.raw()
     async with acceptor:
         payload = os.urandom(size)
-        writer.write(frame(b"fine") + frame(payload, crc=zlib.crc32(payload) ^ 1))
+        writer.write(frame(b"fine") + frame(payload, crc=crc32c(payload) ^ 1))
         assert await acceptor.recv(10) == b"fine"
         out = bytearray(b"\xff" * (size + 10))
         with pytest.raises(ProtocolError, match="CRC"):
@@ -326,7 +326,8 @@ async def test_open_timeout_leaves_nothing_behind(hosts: Hosts) -> None:
 
 async def test_header_layout() -> None:
     assert HEADER.size == 8
-    assert frame(b"abc")[:8] == struct.pack(">II", 3, zlib.crc32(b"abc"))
+    assert frame(b"abc")[:8] == struct.pack(">II", 3, crc32c(b"abc"))
+    assert crc32c(b"123456789") == 0xE3069283  # CRC-32C's check value (RFC 3720): the polynomial peers agree on
 
 
 async def uvloop_scenario() -> None:

@@ -3,7 +3,7 @@
 Two planes sit behind one :class:`Channel` interface (``send`` / ``recv`` / ``recv_into`` / ``aclose``):
 
 - **direct**: a TCP connection secured by :mod:`~legion_swarm.transport.secure` (both ends prove their
-  libp2p identity; AES-256-OCB3 records). Fast, but needs the peer to be reachable at its published endpoint.
+  libp2p identity; AES-128-OCB3 records). Fast, but needs the peer to be reachable at its published endpoint.
 - **libp2p**: a ``p2pd`` stream (:mod:`~legion_swarm.transport.p2p_stream`), which libp2p authenticates and
   routes through NAT and relays; slower (every byte crosses two daemons).
 
@@ -38,7 +38,7 @@ from legion_swarm.transport.secure import secure_accept, secure_connect
 
 logger = logging.getLogger(__name__)
 
-DATA_PROTOCOL = "/legion/data/1"
+DATA_PROTOCOL = "/legion/data/2"  # 2: CRC-32C framing (p2p_stream)
 """libp2p protocol name of the stream plane."""
 MAX_ROUTE_BYTES = 128
 _DIRECT_RETRY_S = 60.0
