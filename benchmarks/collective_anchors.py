@@ -7,8 +7,8 @@ separate processes on 127.0.0.1 with one float32 tensor of ``numel`` elements pe
 * ``gloo_allreduce_seconds`` — ``torch.distributed`` with the gloo backend, ``all_reduce`` (SUM).
   The lower bound of what a tuned, non-fault-tolerant ring over TCP achieves here.
 * ``hivemind_averager_seconds`` — hivemind 1.1.12 ``DecentralizedAverager.step()``, matchmaking
-  over its DHT included, no compression (its 8-bit codecs break on numpy 2.4). The decentralized
-  baseline we must beat.
+  over its DHT included, no compression or ``compression="fp16"`` (its ``Float16Compression``; its 8-bit
+  codecs break on numpy 2.4). The decentralized baseline we must beat.
 
 Each: one warm-up, then ``repeats`` timed steps; every step starts behind a barrier, is timed on
 each rank, and counts as the slowest rank's time; the result is the median over the steps. Every
@@ -20,6 +20,7 @@ averager processes, the ``p2pd`` daemon) can be killed as one group, even if the
 
     python benchmarks/collective_anchors.py                              # 4 procs x 25 M floats
     python benchmarks/collective_anchors.py --numel 1000000 --only gloo
+    python benchmarks/collective_anchors.py --only hivemind --compression fp16
 
 Prints one JSON object on stdout: ``{"gloo_s": ..., "hivemind_s": ..., "numel": ..., "procs": ...}``
 (plus ``repeats`` and ``hivemind_failed_steps``); logs go to stderr.
@@ -65,6 +66,7 @@ HIVEMIND_MIN_MATCHMAKING_S = 5.0
 HIVEMIND_REQUEST_TIMEOUT_S = 3.0
 
 Message = tuple[str, int, Any]  # (kind, rank, payload) sent from a rank to the parent
+Compression = Literal["none", "fp16"]  # what hivemind's averager sends: float32, or its Float16Compression
 
 
 @dataclass
@@ -182,7 +184,7 @@ def _hivemind_rank(rank: int, conn: Connection, barrier: Barrier, params: dict[s
     import hivemind
     import torch
     from hivemind.averaging.control import AveragingStage
-    from hivemind.compression import NoCompression
+    from hivemind.compression import Float16Compression, NoCompression
 
     # A spawned process inherits "spawn" as its default start method, but DecentralizedAverager is a
     # plain mp.Process holding unpicklable state: hivemind assumes fork (its DHT forks explicitly).
@@ -210,7 +212,7 @@ def _hivemind_rank(rank: int, conn: Connection, barrier: Barrier, params: dict[s
             min_matchmaking_time=HIVEMIND_MIN_MATCHMAKING_S,
             request_timeout=HIVEMIND_REQUEST_TIMEOUT_S,
             allreduce_timeout=STEP_TIMEOUT_S,
-            compression=NoCompression(),
+            compression=Float16Compression() if params["compression"] == "fp16" else NoCompression(),
         )
         records = []
         for _ in range(params["repeats"] + 1):
@@ -358,8 +360,10 @@ def _run_ranks(body: Callable[..., None], n_procs: int, params: dict[str, Any], 
             conn.close()
 
 
-def _verify_step(records: list[dict[str, Any]], op: Literal["sum", "mean"]) -> str | None:
-    """None if every rank ended the step holding the reduction of all ranks' inputs, else why not."""
+def _verify_step(records: list[dict[str, Any]], op: Literal["sum", "mean"], rel: float = 1e-6) -> str | None:
+    """None if every rank ended the step holding the reduction of all ranks' inputs, else why not.
+
+    ``rel``: the relative error allowed per input and rounding (1e-6 for float32, 1e-3 for a float16 wire)."""
     errors = [f"rank {rank}: {r['error']}" for rank, r in enumerate(records) if r.get("error")]
     if errors:
         return "; ".join(errors)
@@ -369,8 +373,8 @@ def _verify_step(records: list[dict[str, Any]], op: Literal["sum", "mean"]) -> s
     expected_total = sum(totals) if op == "sum" else sum(totals) / len(totals)
     n = len(records)
     # float32 arithmetic: relative error ~1e-7 per element and per addition; allow 10x over n inputs.
-    elem_atol = 1e-6 * n * float(np.abs(pre).max())
-    total_atol = 1e-6 * n * max(r["pre"]["l1"] for r in records)
+    elem_atol = rel * n * float(np.abs(pre).max())
+    total_atol = rel * n * max(r["pre"]["l1"] for r in records)
     for rank, r in enumerate(records):
         worst = float(np.abs(r["post"]["sample"] - expected).max())
         if worst > elem_atol:
@@ -381,13 +385,14 @@ def _verify_step(records: list[dict[str, Any]], op: Literal["sum", "mean"]) -> s
 
 
 def _summarize(
-    name: str, n_procs: int, numel: int, per_rank: list[list[dict[str, Any]]], op: Literal["sum", "mean"]
-) -> AnchorResult:
+    name: str, n_procs: int, numel: int, per_rank: list[list[dict[str, Any]]], op: Literal["sum", "mean"],
+    rel: float = 1e-6,
+) -> AnchorResult:  # fmt: skip
     """Per step: max over ranks, verified; the first step is the warm-up and is not counted."""
     result = AnchorResult(name=name, procs=n_procs, numel=numel)
     for step, records in enumerate(zip(*per_rank, strict=True)):
         seconds = max(r["seconds"] for r in records)
-        problem = _verify_step(list(records), op)
+        problem = _verify_step(list(records), op, rel)
         matchmaking = [r.get("matchmaking_s") for r in records]
         label = "warm-up" if step == 0 else f"step {step}"
         logger.info("%s %s: %.3f s (max over ranks)%s", name, label, seconds, f" FAILED: {problem}" if problem else "")
@@ -409,11 +414,15 @@ def run_gloo_anchor(n_procs: int = 4, numel: int = 25_000_000, repeats: int = 3)
     return _summarize("gloo", n_procs, numel, per_rank, op="sum")
 
 
-def run_hivemind_anchor(n_procs: int = 4, numel: int = 25_000_000, repeats: int = 3) -> AnchorResult:
+def run_hivemind_anchor(
+    n_procs: int = 4, numel: int = 25_000_000, repeats: int = 3, compression: Compression = "none"
+) -> AnchorResult:
     """Full hivemind averager measurement; failed or unverified steps are listed, not timed."""
-    params = {"n_procs": n_procs, "numel": numel, "repeats": repeats, "prefix": f"bench{os.getpid()}"}
+    params = {"n_procs": n_procs, "numel": numel, "repeats": repeats, "prefix": f"bench{os.getpid()}{compression}",
+              "compression": compression}  # fmt: skip
     per_rank = _run_ranks(_hivemind_rank, n_procs, params, 2 * SETUP_TIMEOUT_S + (repeats + 1) * 2 * STEP_TIMEOUT_S)
-    result = _summarize("hivemind", n_procs, numel, per_rank, op="mean")
+    name = "hivemind" if compression == "none" else f"hivemind {compression}"
+    result = _summarize(name, n_procs, numel, per_rank, op="mean", rel=1e-3 if compression == "fp16" else 1e-6)
     if result.matchmaking_seconds:
         logger.info(
             "hivemind matchmaking part of the timed steps: %s s", [round(s, 3) for s in result.matchmaking_seconds]
@@ -426,9 +435,11 @@ def gloo_allreduce_seconds(n_procs: int = 4, numel: int = 25_000_000, repeats: i
     return run_gloo_anchor(n_procs, numel, repeats).median_s
 
 
-def hivemind_averager_seconds(n_procs: int = 4, numel: int = 25_000_000, repeats: int = 3) -> float:
+def hivemind_averager_seconds(
+    n_procs: int = 4, numel: int = 25_000_000, repeats: int = 3, compression: Compression = "none"
+) -> float:
     """Median seconds of one hivemind ``DecentralizedAverager.step()`` (matchmaking included)."""
-    return run_hivemind_anchor(n_procs, numel, repeats).median_s
+    return run_hivemind_anchor(n_procs, numel, repeats, compression).median_s
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -443,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--numel", type=int, default=25_000_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", choices=("gloo", "hivemind"))
+    parser.add_argument("--compression", choices=("none", "fp16"), default="none", help="of hivemind's averager")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -453,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "gloo"):
             out["gloo_s"] = round(gloo_allreduce_seconds(args.procs, args.numel, args.repeats), 4)
         if args.only in (None, "hivemind"):
-            hivemind = run_hivemind_anchor(args.procs, args.numel, args.repeats)
+            hivemind = run_hivemind_anchor(args.procs, args.numel, args.repeats, args.compression)
             out["hivemind_s"] = round(hivemind.median_s, 4)
             out["hivemind_failed_steps"] = len(hivemind.failed_steps)
     except KeyboardInterrupt:
