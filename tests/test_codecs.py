@@ -530,3 +530,17 @@ def test_finite_values_whose_squares_overflow_are_still_accepted() -> None:
     enc = none.encode(x)
     header, buffers = to_wire(enc)
     assert torch.equal(none.decode(from_wire(header, [bytearray(b) for b in buffers], numel=3)), x)
+
+
+@pytest.mark.parametrize("name", ["fp16", "int8", "topk"])
+def test_error_feedback_reuses_its_buffers_across_encodes(name: str) -> None:
+    ef = ErrorFeedback(get_codec(name, **CODEC_OPTS.get(name, {})))
+    gen = torch.Generator().manual_seed(7)
+    homes = set()
+    for step in range(8):
+        for key in ("a", "b"):  # two residuals of one length share the spare buffers
+            ef.encode(torch.randn(4096, generator=gen), key=key)
+            if step >= 2:
+                homes.add(ef.residual(key).data_ptr())
+    # Steady state: the two residuals, a scratch buffer and one spare take turns; nothing new is allocated.
+    assert len(homes) <= 4

@@ -134,9 +134,10 @@ class Codec(ABC):
     def check(cls, enc: Encoded) -> None:
         """Validate buffer *contents* of a received message (layout is already checked); CodecError if bad."""
 
-    def subtract_decoded_(self, y: torch.Tensor, enc: Encoded) -> None:
-        """``y -= decode(enc)`` in place (error feedback's residual update); codecs may do it sparsely."""
-        y.sub_(self.decode(enc))
+    def subtract_decoded_(self, y: torch.Tensor, enc: Encoded, scratch: torch.Tensor | None = None) -> None:
+        """``y -= decode(enc)`` in place (error feedback's residual update); codecs may do it sparsely.
+        ``scratch``: a float32 buffer of ``y``'s size the decoded values may go through."""
+        y.sub_(self.decode(enc, out=scratch))
 
     def max_abs_error(self, x: torch.Tensor) -> float:
         """The largest per-element bound for ``x`` (0.0 for an empty tensor)."""

@@ -123,7 +123,7 @@ class TopKCodec(Codec):
         out.index_copy_(0, idx.long(), kept.to(torch.float32))
         return out
 
-    def subtract_decoded_(self, y: torch.Tensor, enc: Encoded) -> None:
+    def subtract_decoded_(self, y: torch.Tensor, enc: Encoded, scratch: torch.Tensor | None = None) -> None:
         idx, kept = enc.buffers
         # Only k entries change: no dense decode (fp32 values leave exact zeros there).
         y.index_add_(0, idx.long(), kept.to(torch.float32), alpha=-1)
@@ -172,6 +172,9 @@ def _sampled_topk(magnitude: torch.Tensor, k: int) -> torch.Tensor | None:
     return candidates.index_select(0, best)
 
 
+_SPARE_PER_LENGTH = 2  # free buffers error feedback keeps per chunk length
+
+
 class ErrorFeedback:
     """Residual memory that makes a lossy codec unbiased over rounds.
 
@@ -189,23 +192,47 @@ class ErrorFeedback:
     def __init__(self, codec: Codec) -> None:
         self.codec = codec
         self._residuals: dict[Hashable, torch.Tensor] = {}
+        # Float32 buffers free for reuse (replaced residuals, decode scratch), by length: an encode allocates
+        # nothing in steady state (two fresh chunks per encode were page faults at every round).
+        self._spare: dict[int, list[torch.Tensor]] = {}
 
     def encode(self, x: torch.Tensor, key: Hashable) -> Encoded:
-        """Compress ``x + residual[key]``; on error (e.g. non-finite input) the residual is left unchanged."""
+        """Compress ``x + residual[key]``; on error (e.g. non-finite input) the residual is left unchanged.
+
+        The new residual replaces the old one, whose memory is reused later: do not keep a reference to a
+        residual across an ``encode`` of its key."""
         x = check_input(x)
         if self.codec.lossless:
             return self.codec.encode(x)
         residual = self._residuals.get(key)
-        if residual is None:
-            y = x.clone()
-        elif residual.shape != x.shape:
+        if residual is not None and residual.shape != x.shape:
             raise ValueError(f"residual for {key!r} has {residual.numel()} elements, input {x.numel()}; reset it")
+        y = self._take(x.numel())
+        if residual is None:
+            y.copy_(x)
         else:
-            y = torch.add(residual, x)
-        enc = self.codec.encode(y)
-        self.codec.subtract_decoded_(y, enc)  # lossy codecs never alias their input: y is ours to reuse
+            torch.add(residual, x, out=y)
+        try:
+            enc = self.codec.encode(y)
+        except BaseException:
+            self._give(y)
+            raise
+        scratch = self._take(x.numel())
+        self.codec.subtract_decoded_(y, enc, scratch)  # lossy codecs never alias their input: y is ours to reuse
+        self._give(scratch)
         self._residuals[key] = y
+        if residual is not None:
+            self._give(residual)
         return enc
+
+    def _take(self, numel: int) -> torch.Tensor:
+        free = self._spare.get(numel)
+        return free.pop() if free else torch.empty(numel, dtype=torch.float32)
+
+    def _give(self, buffer: torch.Tensor) -> None:
+        free = self._spare.setdefault(buffer.numel(), [])
+        if len(free) < _SPARE_PER_LENGTH:
+            free.append(buffer)
 
     def residual(self, key: Hashable) -> torch.Tensor | None:
         """The current residual for ``key`` (not a copy), or None."""
@@ -215,6 +242,7 @@ class ErrorFeedback:
         """Forget the residual of ``key``, or of every key."""
         if key is None:
             self._residuals.clear()
+            self._spare.clear()  # the lengths change with the partition
         else:
             self._residuals.pop(key, None)
 
