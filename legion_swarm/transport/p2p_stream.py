@@ -89,7 +89,7 @@ HEADER = struct.Struct(">II")  # payload length (bytes), crc32c(payload)
 
 _STAGE_BYTES = 64 * 1024  # read-ahead buffer: headers and small messages, several per read syscall
 _SMALL_MESSAGE = 64 * 1024  # up to this, header and payload leave in one write (one syscall, one copy)
-_WRITE_PIECE = 1 << 20  # payload bytes handed to the transport at once; it copies what the socket does not take
+_WRITE_PIECE = 1 << 20  # payload bytes handed to the transport at once (uvloop keeps a view of what is unsent)
 _WRITE_HIGH_WATER = 2 << 20  # transport buffer (bytes) above which send waits ...
 _WRITE_LOW_WATER = 512 * 1024  # ... until it drains below this: the pipe stays full, memory stays bounded
 
@@ -161,7 +161,10 @@ class StreamChannel(MessageChannel[_Receive]):
 
     async def send(self, data: BytesLike) -> None:
         """Send one message (any C-contiguous buffer); returns once it is written and the transport has drained
-        below its low-water mark. Raises ``ValueError`` (channel untouched) above ``MAX_MESSAGE_BYTES``."""
+        below its low-water mark. Raises ``ValueError`` (channel untouched) above ``MAX_MESSAGE_BYTES``.
+
+        uvloop's transport keeps views of the bytes the socket has not taken yet, not copies: a buffer changed
+        before the peer has it fails the peer's CRC check (it is never delivered altered)."""
         view = memoryview(data).cast("B")
         total = len(view)
         if total > MAX_MESSAGE_BYTES:
