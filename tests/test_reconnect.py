@@ -25,10 +25,11 @@ async def cut_off(peer: SwarmPeer, *bystanders: SwarmPeer) -> None:
     looks, and a test of that reconnector races them (CI saw it: the peer was back, but not through it)."""
     assert peer.dht is not None and peer.reconnector is not None
     reconnects = peer.reconnector.reconnects
+    own_table = peer.dht.node.protocol.routing_table
 
     def forget() -> None:  # no await inside: nothing runs in between
-        for node_id in list(peer.dht.node.protocol.routing_table.uid_to_peer_id):  # type: ignore[union-attr]
-            del peer.dht.node.protocol.routing_table[node_id]  # type: ignore[union-attr]
+        for node_id in list(own_table.uid_to_peer_id):
+            del own_table[node_id]
         for other in bystanders:
             assert other.dht is not None and other.reconnector is not None
             table = other.dht.node.protocol.routing_table
