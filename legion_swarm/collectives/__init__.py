@@ -26,14 +26,17 @@ from legion_swarm.collectives.partition import (
 )
 from legion_swarm.collectives.reference import reference_all_reduce, weighted_average
 from legion_swarm.collectives.result import RoundResult, faulty_members
+from legion_swarm.collectives.rounds import Relay, UpdateFn
 
 __all__ = [
     "Collectives",
     "FaultPlan",
     "InjectedCrash",
     "PartitionPlan",
+    "Relay",
     "RoundResult",
     "ShardSlice",
+    "UpdateFn",
     "faulty_members",
     "flatten",
     "group_plan",

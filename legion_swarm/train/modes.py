@@ -24,8 +24,7 @@ from typing import TypeVar
 
 import torch
 
-from legion_swarm.collectives import Collectives, FaultPlan, RoundResult, group_plan
-from legion_swarm.collectives.rounds import Relay
+from legion_swarm.collectives import Collectives, FaultPlan, Relay, RoundResult, group_plan
 from legion_swarm.config import TrainConfig
 from legion_swarm.groups.info import GroupInfo
 from legion_swarm.groups.layout import Layout
