@@ -116,15 +116,26 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(spec, int(meta["round"]), bytes.fromhex(meta["state_id"]), torch.from_numpy(flat), optimizer)
 
 
-async def export_checkpoint(host: Host, trainers: list[str], spec: SwarmSpec, *, timeout: float = 60.0) -> Checkpoint:
-    """Assemble the swarm's current state from ``trainers`` (peer ids of training members)."""
+async def export_checkpoint(
+    host: Host, trainers: list[str], spec: SwarmSpec, *, timeout: float = 60.0, attempts: int = 3
+) -> Checkpoint:
+    """Assemble the swarm's current state from ``trainers`` (peer ids of training members).
+
+    Owners serve the optimizer state of the state they hold now only; a round that commits between the parameter
+    download and the optimizer requests leaves ranges unanswered. So an incomplete snapshot is taken again, up to
+    ``attempts`` times, before the parameters are exported alone."""
     numel = sum(int(np.prod(shape)) if shape else 1 for _, shape in _names(spec))
-    got = await download_state(host, trainers, numel=numel, timeout=timeout)
     names = ("exp_avg", "exp_avg_sq") if spec.train.mode == "sync" else ("momentum",)
-    found = await fetch_optimizer_state(host, got.meta.owners, got.meta.state_id, 0, numel, buffer_names=names)
-    optimizer = _assemble(found, numel, names)
-    if optimizer is None:
-        logger.info("optimizer state not complete (%d ranges): exporting parameters only", len(found))
+    for attempt in range(1, attempts + 1):
+        got = await download_state(host, trainers, numel=numel, timeout=timeout)
+        found = await fetch_optimizer_state(host, got.meta.owners, got.meta.state_id, 0, numel, buffer_names=names)
+        optimizer = _assemble(found, numel, names)
+        if optimizer is not None:
+            break
+        logger.info("optimizer state of round %d not complete (%d ranges), try %d/%d", got.meta.round, len(found),
+                    attempt, attempts)  # fmt: skip
+    else:
+        logger.info("exporting parameters only")
     return Checkpoint(spec, got.meta.round, got.meta.state_id, got.flat, optimizer)
 
 
