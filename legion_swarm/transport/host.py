@@ -5,7 +5,7 @@ Guarantees on top of ``P2P.create``:
 - the daemon always runs with an identity we hold (so we can sign with the key behind our peer id);
   without ``identity_path`` a fresh key lives in a private temporary file only while the daemon starts;
 - the daemon dies with this process even on SIGKILL (``PR_SET_PDEATHSIG``), never left as an orphan;
-- TCP only (QUIC loses data in hivemind's streaming handlers, see DESIGN.md);
+- TCP only (QUIC loses data in hivemind's streaming handlers: measured with hivemind 1.1.12's p2pd);
 - daemon start-up failures become :mod:`legion_swarm.errors` exceptions with one-line messages;
 - with ``HostConfig.netsim``, every stream it opens or accepts is delayed per :mod:`~legion_swarm.transport.netsim`.
 """
