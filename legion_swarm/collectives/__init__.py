@@ -1,7 +1,7 @@
 """Collectives: how a group splits, reduces and regathers the model.
 
-- :mod:`~legion_swarm.collectives.partition` — pure: which member owns which contiguous shard of the
-  flat parameter space.
+- :mod:`~legion_swarm.collectives.partition` — the partition plan of :mod:`legion_swarm.groups.partition`
+  (which member owns which contiguous shard of the flat parameter space), and flattening tensors.
 - :mod:`~legion_swarm.collectives.wire` — pure: the messages of a round and their validation.
 - :mod:`~legion_swarm.collectives.reference` — the naive weighted average a round must reproduce.
 - :mod:`~legion_swarm.collectives.rounds` — one round: reduce-scatter, owner update, all-gather, commit vote.

@@ -15,7 +15,7 @@ import torch
 from legion_swarm.codecs import Codec, ErrorFeedback, decode, to_wire
 from legion_swarm.collectives import wire
 from legion_swarm.collectives.buffers import BufferPool
-from legion_swarm.collectives.partition import PartitionPlan
+from legion_swarm.collectives.partition import PartitionPlan, chunk_bounds
 from legion_swarm.collectives.reference import weighted_average
 from legion_swarm.config import CollectiveConfig
 from legion_swarm.groups.info import GroupInfo
@@ -168,8 +168,3 @@ class OwnerShard:
                 else:
                     residual.add_(decode(enc))
                     self.restored.add(key)
-
-
-def chunk_bounds(size: int, chunk: int) -> list[tuple[int, int]]:
-    """(offset, length) of each chunk; an empty shard still has one empty chunk (it carries the weight)."""
-    return [(o, min(chunk, size - o)) for o in range(0, size, chunk)] or [(0, 0)]

@@ -45,8 +45,8 @@ from legion_swarm.codecs import Codec, Encoded, ErrorFeedback, decode, from_wire
 from legion_swarm.collectives import wire
 from legion_swarm.collectives.buffers import BufferPool
 from legion_swarm.collectives.faults import FaultInjector, FaultPlan, InjectedCrash
-from legion_swarm.collectives.owner import OwnerShard, chunk_bounds
-from legion_swarm.collectives.partition import group_plan
+from legion_swarm.collectives.owner import OwnerShard
+from legion_swarm.collectives.partition import chunk_bounds, group_plan
 from legion_swarm.collectives.result import RoundResult, edge, faulty_members
 from legion_swarm.config import CollectiveConfig
 from legion_swarm.errors import CodecError, NetworkError, ProtocolError, RoundTimeoutError
