@@ -167,7 +167,7 @@ class FaultyPlane:
             return False
         if not self.fired:
             self.fired = True
-            logger.warning("rank %d: injecting %s at %s", self.rank, self.plan.kind, phase)
+            logger.info("rank %d: injecting %s at %s", self.rank, self.plan.kind, phase)
             if self.plan.kind == "kill" and not self.plan.in_process:
                 os.kill(os.getpid(), signal.SIGKILL)
             if self.plan.kind == "stall":

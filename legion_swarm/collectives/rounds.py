@@ -24,6 +24,12 @@ Failures come back as values: a member that dies, stalls or sends anything inval
 whole, and its shard is missing. Every wait has a deadline (``CollectiveConfig``), so a round ends by
 ``round_timeout_s`` whatever the others do. Only a bug in ``update_fn`` or an injected crash raises.
 
+What the round does is a frozen :class:`RoundSpec` (reduce and/or gather, weight, output, ``update_fn`` or
+``relay``, the relay's timeout). The round drives the protocol (channels, deadlines, votes); the owner's side of
+it (contributions to this member's shard, their average, the update and the encoded result) is a
+:class:`~legion_swarm.collectives.owner.ShardOwner` it feeds as chunks arrive. A round with a fault plan runs
+the same code over a :class:`~legion_swarm.collectives.faults.FaultyPlane`.
+
 Memory per member, beyond the caller's tensors: the (G-1) decoded contributions to its shard and the staging
 buffers of the other shards, together about one model's worth of float32.
 """
