@@ -18,7 +18,7 @@ from legion_swarm.collectives.buffers import BufferPool
 from legion_swarm.collectives.faults import FaultPlan
 from legion_swarm.collectives.partition import PartitionPlan
 from legion_swarm.collectives.result import RoundResult
-from legion_swarm.collectives.rounds import Relay, Round, UpdateFn
+from legion_swarm.collectives.rounds import Relay, Round, RoundSpec, UpdateFn
 from legion_swarm.config import CollectiveConfig
 from legion_swarm.groups.info import GroupInfo
 from legion_swarm.transport.dataplane import DataPlane
@@ -61,39 +61,37 @@ class Collectives:
         Hierarchical rounds: an owner with a ``relay`` awaits it (with its averaged shard and that shard's total
         weight) instead of calling ``update_fn``; every member of the group passes the same ``relay_timeout_s``,
         the time an owner may spend in it, which extends the all-gather's deadlines."""
-        return await self._run(
-            group, tensors, weight, update_fn, out, reduce=True, gather=True, faults=faults, relay=relay,
+        spec = RoundSpec(
+            weight=weight, out=None if out is None else tuple(out), update_fn=update_fn, relay=relay,
             relay_timeout_s=relay_timeout_s,
         )  # fmt: skip
+        return await self._run(group, tensors, spec, faults)
 
     async def all_reduce(
         self, group: GroupInfo, tensors: Sequence[torch.Tensor], *, weight: float = 1.0, faults: FaultPlan | None = None
     ) -> RoundResult:
         """Weighted average of ``tensors`` across the group, in place."""
-        return await self._run(group, tensors, weight, None, None, reduce=True, gather=True, faults=faults)
+        return await self._run(group, tensors, RoundSpec(weight=weight), faults)
 
     async def reduce_scatter(
         self, group: GroupInfo, tensors: Sequence[torch.Tensor], *, weight: float = 1.0, faults: FaultPlan | None = None
     ) -> RoundResult:
         """Average only this member's shard: ``result.shard`` (``tensors`` are not modified)."""
-        return await self._run(group, tensors, weight, None, None, reduce=True, gather=False, faults=faults)
+        return await self._run(group, tensors, RoundSpec(weight=weight, gather=False), faults)
 
     async def all_gather(
         self, group: GroupInfo, tensors: Sequence[torch.Tensor], *, faults: FaultPlan | None = None
     ) -> RoundResult:
         """Every member sends its own shard of ``tensors``; everyone's copies are overwritten with the owners'."""
-        return await self._run(group, tensors, 1.0, None, None, reduce=False, gather=True, faults=faults)
+        return await self._run(group, tensors, RoundSpec(reduce=False), faults)
 
     async def _run(
-        self, group: GroupInfo, tensors: Sequence[torch.Tensor], weight: float, update_fn: UpdateFn | None,
-        out: Sequence[torch.Tensor] | None, *, reduce: bool, gather: bool, faults: FaultPlan | None,
-        relay: Relay | None = None, relay_timeout_s: float = 0.0,
-    ) -> RoundResult:  # fmt: skip
+        self, group: GroupInfo, tensors: Sequence[torch.Tensor], spec: RoundSpec, faults: FaultPlan | None
+    ) -> RoundResult:
         async with self._one_round_at_a_time:
             round_ = Round(
-                self.plane, group, tensors, config=self.config, weight=weight, update_fn=update_fn, out=out,
-                reduce=reduce, gather=gather, error_feedback=self.error_feedback, faults=faults, buffers=self.buffers,
-                relay=relay, relay_timeout_s=relay_timeout_s,
+                self.plane, group, tensors, spec, config=self.config, faults=faults,
+                error_feedback=self.error_feedback, buffers=self.buffers,
             )  # fmt: skip
             if self.last_plan is not None and round_.plan.bounds != self.last_plan.bounds:
                 self.error_feedback.reset()  # shards moved: old residuals belong to other elements

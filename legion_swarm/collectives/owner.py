@@ -1,175 +1,177 @@
-"""The owner's side of a round: its shard of the inputs, the weighted average of the contributions to it, the
-update, the encoded result every member gathers, and what error feedback gets back when a contribution is lost.
+"""The owner's side of a round: one member's own shard, the contributions the other members send to it, their
+weighted average, the update, and the encoded result every member gathers.
 
-:class:`OwnerShard` is a mixin of :class:`legion_swarm.collectives.rounds.Round`, which holds the state named
-below and runs the protocol around these steps; nothing here touches a channel.
+A :class:`ShardOwner` knows nothing of channels, deadlines or the protocol: the round (or a test) tells it what
+arrived and asks it for the average and the result::
+
+    owner = ShardOwner(rank=r, group_size=G, own=my_shard, weight=w, chunk_elems=c, gather_codec=codec)
+    buffer = owner.start(k, w_k)          # member k's contribution begins: decode it into ``buffer``
+    owner.add_chunk(k, offset, length)    # ... chunk by chunk (every member's piece of a chunk in: averaged now)
+    owner.complete(k)                     # ... k's contribution arrived whole and valid: it counts
+    owner.leave_out(k)                    # (k was excluded: it counts only if it completed before)
+    average, weight, contributors = owner.reduce()
+    result = owner.finish(average, update)    # -> owner.result, owner.encoded (chunk header, buffers) per chunk
+
+The average is :func:`~legion_swarm.collectives.reference.weighted_average` over the contributors in rank order,
+so with the lossless codec it equals the naive oracle bit for bit. When every member's piece of a chunk is in and
+nobody has been left out, that chunk is averaged at once, overlapped with receiving the next ones; the same
+operations on the same elements give the same bits, and if a member is left out after all, :meth:`reduce`
+recomputes the average from the contributors.
+
+Shapes: every tensor here is 1-D float32 of the shard's size (or a chunk of it); weights are sample counts or any
+positive float.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import logging
+from collections.abc import Callable, Sequence
 
 import torch
 
-from legion_swarm.codecs import Codec, ErrorFeedback, decode, to_wire
+from legion_swarm.codecs import Codec, decode, to_wire
 from legion_swarm.collectives import wire
 from legion_swarm.collectives.buffers import BufferPool
-from legion_swarm.collectives.partition import PartitionPlan
 from legion_swarm.collectives.reference import weighted_average
-from legion_swarm.config import CollectiveConfig
-from legion_swarm.groups.info import GroupInfo
+from legion_swarm.groups.partition import chunk_bounds
 
-if TYPE_CHECKING:
-    from legion_swarm.collectives.rounds import Relay, UpdateFn, _Peer
+logger = logging.getLogger(__name__)
+
+EncodedChunk = tuple[bytes, list[memoryview]]
+"""One chunk of a result as sent: its ``wire.chunk_header`` and the codec's buffers."""
 
 
-class OwnerShard:
-    """Steps of a round on this member's own shard (see the module docstring)."""
+class ShardOwner:
+    """Member ``rank``'s own shard through one round (see the module docstring)."""
 
-    rank: int
-    group: GroupInfo
-    config: CollectiveConfig
-    plan: PartitionPlan
-    tensors: list[torch.Tensor]
-    out: list[torch.Tensor]
-    weight: float
-    reduce: bool
-    gather: bool
-    update_fn: UpdateFn | None
-    relay: Relay | None
-    gather_codec: Codec
-    ef: ErrorFeedback | None
-    buffers: BufferPool
-    peers: dict[int, _Peer]
-    my_result: torch.Tensor | None
-    my_contributors: tuple[int, ...]
-    my_result_weight: float
-    encoded_result: list[tuple[bytes, list[memoryview]]]
-    restored_before: frozenset[object]
-    restored: set[object]
-    _own: torch.Tensor | None
-    _arrived: dict[int, int]
-    averaged_early: set[int]
+    def __init__(
+        self, *, rank: int, group_size: int, own: torch.Tensor, weight: float, chunk_elems: int,
+        gather_codec: Codec | None = None, buffers: BufferPool | None = None,
+    ) -> None:  # fmt: skip
+        """``own``: this member's shard of its own tensors (1-D float32, a view or a copy); ``weight``: its own
+        contribution's weight; ``gather_codec``: how :meth:`finish` encodes the result for the all-gather (None: no
+        all-gather, nothing encoded); ``buffers``: where contributions and the average live across rounds."""
+        if not 0 <= rank < group_size:
+            raise ValueError(f"rank {rank} outside a group of {group_size}")
+        if own.dim() != 1 or own.dtype != torch.float32:
+            raise ValueError(f"own shard must be 1-D float32, got {own.dtype} of shape {tuple(own.shape)}")
+        self.rank, self.group_size, self.own, self.weight = rank, group_size, own, weight
+        self.chunk_elems, self.gather_codec = chunk_elems, gather_codec
+        self.buffers = buffers if buffers is not None else BufferPool()
+        self.chunks = chunk_bounds(own.numel(), chunk_elems)
+        self._incoming: dict[int, tuple[torch.Tensor, float]] = {}  # rank -> (buffer decoded into, weight)
+        self._complete: set[int] = set()
+        self._arrived: dict[int, int] = {}  # chunk offset -> members whose piece of it is in
+        self._left_out = False  # a member was excluded: an early average would not be everyone's
+        self.averaged_early: set[int] = set()
+        """Offsets of the chunks averaged over every member as they came in."""
+        self.contributors: tuple[int, ...] = (rank,)
+        """Ranks in the average, in rank order (set by :meth:`reduce`; the owner alone before)."""
+        self.total_weight = weight
+        """The weight behind the average: the sum of its contributors' weights."""
+        self.result: torch.Tensor | None = None
+        """The shard's new values as every member decodes them (set by :meth:`finish`)."""
+        self.encoded: list[EncodedChunk] = []
+        """The result encoded once for every receiver, chunk by chunk (empty without a gather codec)."""
 
-    def _shard_data(self, shard: int) -> torch.Tensor:
-        """Shard ``shard`` of the input tensors as a 1-D float32 tensor: a view when it lies in one tensor."""
-        pieces = self.plan.slices_for(shard)
-        if len(pieces) == 1:
-            piece = pieces[0]
-            return self.tensors[piece.tensor].detach().reshape(-1)[piece.start : piece.end]
-        return self.plan.extract(self.tensors, shard)
+    # ------------------------------------------------------------------------------------ contributions
 
-    def _own_data(self) -> torch.Tensor:
-        """My shard of my tensors (a copy when it spans several tensors, made once per round)."""
-        if self._own is None:
-            self._own = self._shard_data(self.rank)
-        return self._own
+    def start(self, rank: int, weight: float) -> torch.Tensor:
+        """Member ``rank``'s contribution of ``weight`` begins to arrive: the buffer to decode it into."""
+        if rank == self.rank or not 0 <= rank < self.group_size:
+            raise ValueError(f"rank {rank} cannot contribute to shard {self.rank} of a group of {self.group_size}")
+        buffer = self.buffers.get(f"contribution/{rank}", self.own.numel())
+        self._incoming[rank] = (buffer, weight)
+        return buffer
 
-    def _contributions(self, ranks: Sequence[int], lo: int, hi: int) -> list[tuple[torch.Tensor, float]]:
-        """Elements ``[lo, hi)`` of the contributions of ``ranks`` to my shard, with their weights, in rank order."""
-        pieces = []
-        for rank in sorted(ranks):
-            if rank == self.rank:
-                pieces.append((self._own_data()[lo:hi], self.weight))
-            else:
-                peer = self.peers[rank]
-                assert peer.receiving is not None
-                pieces.append((peer.receiving[lo:hi], peer.weight))
-        return pieces
-
-    def _average_early(self, offset: int, length: int) -> None:
-        """Average a chunk of my shard once every member's piece of it is in, so that when all contributions
-        arrive whole the owner's reduce is already done, overlapped with receiving. The same operations as
-        :meth:`_reduce_own_shard` on the same elements give the same bits; if a member is left out after all,
-        that recomputes the average from the contributors."""
+    def add_chunk(self, rank: int, offset: int, length: int) -> None:
+        """Elements ``[offset, offset + length)`` of ``rank``'s contribution are decoded into its buffer. Once every
+        other member's piece of that chunk is in, and nobody was left out, the chunk is averaged now."""
+        if rank not in self._incoming:
+            raise ValueError(f"rank {rank}'s contribution has not started")
         self._arrived[offset] = self._arrived.get(offset, 0) + 1
-        if self._arrived[offset] < len(self.peers) or any(p.excluded for p in self.peers.values()):
+        if self._arrived[offset] < self.group_size - 1 or self._left_out:
             return
-        size = self.plan.sizes[self.rank]
+        size = self.own.numel()
         weighted_average(
-            self._contributions(range(self.group.size), offset, offset + length),
+            self._contributions(range(self.group_size), offset, offset + length),
             out=self.buffers.get("average", size)[offset : offset + length],
             scratch=self.buffers.get("scratch", size)[offset : offset + length],
         )
         self.averaged_early.add(offset)
 
-    def _reduce_own_shard(self) -> torch.Tensor | None:
-        """The weighted average of the contributions to my shard (None for an all-gather alone)."""
-        own = self._own_data()
-        if self.reduce:
-            ranks = [self.rank, *(p.rank for p in self.peers.values() if p.contribution is not None)]
-            contributions = self._contributions(ranks, 0, own.numel())
-            average = self.buffers.get("average", own.numel())
-            everyone = len(ranks) == self.group.size
-            if everyone and len(self.averaged_early) == len(chunk_bounds(own.numel(), self.config.chunk_elems)):
-                averaged = average  # done chunk by chunk while the contributions came in
-            else:
-                scratch = self.buffers.get("scratch", own.numel())
-                averaged = weighted_average(contributions, out=average, scratch=scratch)
-            self.my_contributors = tuple(sorted(ranks))
-            self.my_result_weight = float(sum(w for _, w in contributions))
-            return averaged
-        return None
+    def complete(self, rank: int) -> None:
+        """``rank``'s contribution arrived whole and valid: it is in the average."""
+        if rank not in self._incoming:
+            raise ValueError(f"rank {rank}'s contribution has not started")
+        self._complete.add(rank)
 
-    def _finish_own_shard(self, averaged: torch.Tensor | None) -> None:
-        """Apply ``update_fn`` to my averaged shard and encode the result for the all-gather."""
+    def leave_out(self, rank: int) -> None:
+        """``rank`` is out of the round (excluded): no early average any more, as its pieces may be missing. A
+        contribution it completed before still counts."""
+        logger.debug("shard %d: rank %d left out", self.rank, rank)
+        self._left_out = True
+
+    def _contributions(self, ranks: Sequence[int], lo: int, hi: int) -> list[tuple[torch.Tensor, float]]:
+        """Elements ``[lo, hi)`` of the contributions of ``ranks``, with their weights, in rank order."""
+        pieces = []
+        for rank in sorted(ranks):
+            if rank == self.rank:
+                pieces.append((self.own[lo:hi], self.weight))
+            else:
+                buffer, weight = self._incoming[rank]
+                pieces.append((buffer[lo:hi], weight))
+        return pieces
+
+    # ------------------------------------------------------------------------------------------- result
+
+    def reduce(self) -> tuple[torch.Tensor, float, tuple[int, ...]]:
+        """The weighted average of the owner's and every complete contribution, the total weight behind it and the
+        contributors (in rank order). The average may be the pool's buffer: valid until the next round."""
+        ranks = [self.rank, *sorted(self._complete)]
+        size = self.own.numel()
+        contributions = self._contributions(ranks, 0, size)
+        average = self.buffers.get("average", size)
+        if len(ranks) == self.group_size and len(self.averaged_early) == len(self.chunks):
+            averaged = average  # done chunk by chunk while the contributions came in
+        else:
+            averaged = weighted_average(contributions, out=average, scratch=self.buffers.get("scratch", size))
+        self.contributors = tuple(sorted(ranks))
+        self.total_weight = float(sum(w for _, w in contributions))
+        return averaged, self.total_weight, self.contributors
+
+    def finish(
+        self, averaged: torch.Tensor | None, update: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The shard's new values: ``update(averaged)`` (``averaged`` itself without an update; the own shard
+        unchanged for an all-gather alone, ``averaged=None``), encoded once for the all-gather if there is one.
+        The owner keeps the *decoded* value, so it holds the same bits as every member that gathers it."""
         if averaged is not None:
-            result = averaged if self.update_fn is None or self.relay else self.update_fn(self.rank, averaged)
+            result = averaged if update is None else update(averaged)
             if not (isinstance(result, torch.Tensor) and result.shape == averaged.shape):
                 raise TypeError(f"update_fn must return a tensor of shape {tuple(averaged.shape)}")
             result = result.detach().to(torch.float32)
         else:
-            result = self._shard_data(self.rank).clone()
-        if self.gather:
-            # Encode once for every receiver, and keep the decoded value: the owner holds the same bits.
+            result = self.own.clone()
+        if self.gather_codec is not None:
             lossless = self.gather_codec.lossless
             decoded = result if lossless else torch.empty_like(result)
-            for offset, length in chunk_bounds(result.numel(), self.config.chunk_elems):
+            for offset, length in chunk_bounds(result.numel(), self.chunk_elems):
                 enc = self.gather_codec.encode(result[offset : offset + length])
                 header, buffers = to_wire(enc)
-                self.encoded_result.append((wire.chunk_header("ag", self.rank, offset, header, None), buffers))
+                self.encoded.append((wire.chunk_header("ag", self.rank, offset, header, None), buffers))
                 if not lossless:
                     decode(enc, out=decoded[offset : offset + length])
             result = decoded
-        self.my_result = result  # may be the pool's buffer: _commit hands RoundResult a tensor of its own
+        self.result = result
+        return result
 
-    def _own_shard(self, in_out: bool) -> torch.Tensor | None:
-        """This member's result for :class:`RoundResult`, which outlives the pool's buffers. Once the result is in
-        ``out`` and lies in one tensor, a view of it (copying 1/G of the model per round into fresh memory was
-        a tenth of a member's CPU time, page faults included); otherwise a copy where it is the pool's buffer."""
-        result = self.my_result
+    def detached_result(self) -> torch.Tensor | None:
+        """The result as a tensor that outlives the pool's buffers (a copy only where it is the pool's average)."""
+        result = self.result
         if result is None:
             return None
-        pieces = self.plan.slices_for(self.rank)
-        if in_out and len(pieces) == 1:
-            piece = pieces[0]
-            return self.out[piece.tensor].detach().view(-1)[piece.start : piece.end]
         average = self.buffers.peek("average")
         if average is not None and result.untyped_storage().data_ptr() == average.untyped_storage().data_ptr():
             return result.clone()
         return result
-
-    def _restore_residuals(self, contributors: dict[int, tuple[int, ...]]) -> None:
-        """Error feedback: what an owner did not average in (or a dropped shard) goes back into the residual,
-        once. If that destination failed the previous round too, the residual is dropped instead: a peer that
-        keeps failing must not make it grow without bound (until it no longer fits the codec's range)."""
-        if self.ef is None or not self.gather:
-            return
-        for peer in self.peers.values():
-            if self.rank in contributors.get(peer.rank, ()):
-                continue
-            for key, enc in peer.sent_encodings:
-                residual = self.ef.residual(key)
-                if residual is None:
-                    continue
-                if key in self.restored_before:
-                    self.ef.reset(key)
-                else:
-                    residual.add_(decode(enc))
-                    self.restored.add(key)
-
-
-def chunk_bounds(size: int, chunk: int) -> list[tuple[int, int]]:
-    """(offset, length) of each chunk; an empty shard still has one empty chunk (it carries the weight)."""
-    return [(o, min(chunk, size - o)) for o in range(0, size, chunk)] or [(0, 0)]

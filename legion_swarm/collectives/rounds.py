@@ -24,6 +24,12 @@ Failures come back as values: a member that dies, stalls or sends anything inval
 whole, and its shard is missing. Every wait has a deadline (``CollectiveConfig``), so a round ends by
 ``round_timeout_s`` whatever the others do. Only a bug in ``update_fn`` or an injected crash raises.
 
+What the round does is a frozen :class:`RoundSpec` (reduce and/or gather, weight, output, ``update_fn`` or
+``relay``, the relay's timeout). The round drives the protocol (channels, deadlines, votes); the owner's side of
+it (contributions to this member's shard, their average, the update and the encoded result) is a
+:class:`~legion_swarm.collectives.owner.ShardOwner` it feeds as chunks arrive. A round with a fault plan runs
+the same code over a :class:`~legion_swarm.collectives.faults.FaultyPlane`.
+
 Memory per member, beyond the caller's tensors: the (G-1) decoded contributions to its shard and the staging
 buffers of the other shards, together about one model's worth of float32.
 """
@@ -44,9 +50,9 @@ import torch
 from legion_swarm.codecs import Codec, Encoded, ErrorFeedback, decode, from_wire, get_codec, to_wire
 from legion_swarm.collectives import wire
 from legion_swarm.collectives.buffers import BufferPool
-from legion_swarm.collectives.faults import FaultInjector, FaultPlan, InjectedCrash
-from legion_swarm.collectives.owner import OwnerShard, chunk_bounds
-from legion_swarm.collectives.partition import group_plan
+from legion_swarm.collectives.faults import FaultPlan, FaultyChannel, FaultyInbox, FaultyPlane, InjectedCrash
+from legion_swarm.collectives.owner import ShardOwner
+from legion_swarm.collectives.partition import chunk_bounds, group_plan
 from legion_swarm.collectives.result import RoundResult, edge, faulty_members
 from legion_swarm.config import CollectiveConfig
 from legion_swarm.errors import CodecError, NetworkError, ProtocolError, RoundTimeoutError
@@ -67,15 +73,46 @@ and the weight behind it on (a hierarchical round averages it across groups) and
 _GRACE_S = 1.0  # past the last phase deadline, before a round is declared hung
 
 
+@dataclass(frozen=True, kw_only=True)
+class RoundSpec:
+    """What one round does, the same on every member of the group (``reduce``, ``gather``, ``relay_timeout_s``)
+    or this member's own (its ``weight``, ``out``, ``update_fn`` or ``relay``)."""
+
+    reduce: bool = True
+    """Reduce-scatter: average every member's contribution to each shard on its owner."""
+    gather: bool = True
+    """All-gather: every member receives every owner's result into ``out``."""
+    weight: float = 1.0
+    """This member's contribution's weight (e.g. its sample count), in (0, ``wire.MAX_WEIGHT``]; 1 without reduce."""
+    out: tuple[torch.Tensor, ...] | None = None
+    """Where the gathered results go (CPU float32, the sizes of the round's tensors); None: the tensors themselves."""
+    update_fn: UpdateFn | None = None
+    """Maps the owner's averaged shard to its new values (None: the average itself)."""
+    relay: Relay | None = None
+    """Instead of ``update_fn``: hands the averaged shard on and sends what comes back (hierarchical rounds)."""
+    relay_timeout_s: float = 0.0
+    """How long an owner may spend in ``relay``; it extends the all-gather's deadlines (every member alike)."""
+
+    def __post_init__(self) -> None:
+        if self.reduce and not (isinstance(self.weight, (int, float)) and 0 < self.weight <= wire.MAX_WEIGHT):
+            raise ValueError(f"weight must be a number in (0, {wire.MAX_WEIGHT:g}], got {self.weight!r}")
+        if not (isinstance(self.relay_timeout_s, (int, float)) and 0 <= self.relay_timeout_s < float("inf")):
+            raise ValueError(f"relay_timeout_s must be a finite number >= 0, got {self.relay_timeout_s!r}")
+        if not (self.reduce or self.gather):
+            raise ValueError("a round reduces, gathers, or both")
+
+    @property
+    def contribution_weight(self) -> float:
+        """The weight this member's own values carry: ``weight``, or 1 for an all-gather alone."""
+        return float(self.weight) if self.reduce else 1.0
+
+
 @dataclass(eq=False)
 class _Peer:
     rank: int
     channel: Channel | None = None
     incoming: asyncio.Future[Channel] | None = None
     excluded: str | None = None
-    contribution: torch.Tensor | None = None  # decoded, complete contribution to my shard
-    receiving: torch.Tensor | None = None  # where its contribution is being decoded, chunk by chunk
-    weight: float = 0.0
     result: tuple[tuple[int, ...], float] | None = None  # (contributors, weight) of its shard, once received whole
     staging: torch.Tensor | None = None
     votes: dict[int, frozenset[wire.Edge]] = field(default_factory=dict)
@@ -86,52 +123,53 @@ class _Peer:
     plane: str = "-"
 
 
-class Round(OwnerShard):
-    """The state of one round for one member; :meth:`run` it once."""
+class Round:
+    """The state of one round for one member; :meth:`run` it once.
+
+    ``faults``: a plan to act out (tests, chaos runs): the round then talks to a :class:`FaultyPlane` around
+    ``plane`` and runs the same code. ``error_feedback`` and ``buffers`` outlive the round (see
+    :class:`~legion_swarm.collectives.api.Collectives`)."""
 
     def __init__(
-        self, plane: DataPlane, group: GroupInfo, tensors: Sequence[torch.Tensor], *, config: CollectiveConfig,
-        weight: float, update_fn: UpdateFn | None, out: Sequence[torch.Tensor] | None, reduce: bool, gather: bool,
-        error_feedback: ErrorFeedback | None, faults: FaultPlan | None, buffers: BufferPool | None = None,
-        relay: Relay | None = None, relay_timeout_s: float = 0.0,
-    ):  # fmt: skip
-        self.plane, self.group, self.config = plane, group, config
-        self.relay, self.relay_timeout_s = relay, relay_timeout_s
+        self, plane: DataPlane, group: GroupInfo, tensors: Sequence[torch.Tensor], spec: RoundSpec, *,
+        config: CollectiveConfig, faults: FaultPlan | None = None, error_feedback: ErrorFeedback | None = None,
+        buffers: BufferPool | None = None,
+    ) -> None:  # fmt: skip
+        self.group, self.config, self.spec = group, config, spec
         self.rank = group.rank_of(plane.identity.peer_id)
         self.tensors = list(tensors)
-        self.out = self.tensors if out is None else list(out)
+        self.out = self.tensors if spec.out is None else list(spec.out)
         _check_tensors(self.tensors, self.out)
-        if reduce and not (isinstance(weight, (int, float)) and 0 < weight <= wire.MAX_WEIGHT):
-            raise ValueError(f"weight must be a number in (0, {wire.MAX_WEIGHT:g}], got {weight!r}")
-        self.weight = float(weight) if reduce else 1.0
-        self.update_fn, self.reduce, self.gather = update_fn, reduce, gather
         self.plan = group_plan(group, [t.numel() for t in self.tensors])
+        self.plane: DataPlane | FaultyPlane = plane
+        if faults is not None:
+            self.plane = FaultyPlane(
+                plane, faults, group=group, sizes=self.plan.sizes, chunk_elems=config.chunk_elems,
+                connect_timeout_s=config.connect_timeout_s,
+            )  # fmt: skip
         self.codec: Codec = get_codec(config.codec, **config.codec_options(config.codec))
         gather_name = config.resolved_gather_codec
-        self.gather_codec: Codec = get_codec(gather_name, **config.codec_options(gather_name))
+        gather_codec: Codec = get_codec(gather_name, **config.codec_options(gather_name))
+        self.gather_codec_name = gather_codec.name
         self.ef = error_feedback if error_feedback is not None and not self.codec.lossless else None
-        self.faults = FaultInjector(faults) if faults is not None else None
         self.buffers = buffers if buffers is not None else BufferPool()
+        self.owner = ShardOwner(
+            rank=self.rank, group_size=group.size, own=self.plan.shard_values(self.tensors, self.rank),
+            weight=spec.contribution_weight, chunk_elems=config.chunk_elems,
+            gather_codec=gather_codec if spec.gather else None, buffers=self.buffers,
+        )  # fmt: skip
         self.restored_before: frozenset[object] = frozenset()  # residual keys restored by the previous round
         self.restored: set[object] = set()
         # Everything members must share beyond the group itself; tensor sizes as a digest of the partition.
         layout = hashlib.sha256(msgpack.packb([list(self.plan.numels), list(self.plan.bounds)])).digest()[:8]
-        self.setup = [config.codec, gather_name, config.chunk_elems, reduce, gather, layout]
+        self.setup = [config.codec, gather_name, config.chunk_elems, spec.reduce, spec.gather, layout]
         self.peers = {r: _Peer(r) for r in range(group.size) if r != self.rank}
         self.tag = f"[{short_peer_id(plane.identity.peer_id)}/{group.round_id.hex()[:8]}]"
-        self.my_result: torch.Tensor | None = None
-        self._own: torch.Tensor | None = None  # my shard of my tensors (see _own_data)
-        self._arrived: dict[int, int] = {}  # chunk offset of my shard -> peers whose piece of it is in
-        self.averaged_early: set[int] = set()  # chunks of my shard averaged over every member as they came in
-        self.my_contributors: tuple[int, ...] = (self.rank,)
-        self.my_result_weight = self.weight
-        self.encoded_result: list[tuple[bytes, list[memoryview]]] = []
         self.result_ready = asyncio.Event()
         self.vote_ready = {1: asyncio.Event(), 2: asyncio.Event()}
         self.my_votes: dict[int, frozenset[wire.Edge]] = {}
         self.dropped: frozenset[int] = frozenset()
         self.edges: frozenset[wire.Edge] = frozenset()
-        self.send_garbage = False  # an injected fault: garbage instead of the result
         self.timings: dict[str, float] = {}
         self.bytes_sent = self.bytes_received = 0  # message payloads, before channel framing / encryption
         self.t0 = 0.0
@@ -145,7 +183,7 @@ class Round(OwnerShard):
         c = self.config
         for phase, length in (
             ("connect", c.connect_timeout_s), ("reduce", c.reduce_timeout_s),
-            ("gather", c.gather_timeout_s + self.relay_timeout_s),
+            ("gather", c.gather_timeout_s + self.spec.relay_timeout_s),
             ("vote1", c.commit_timeout_s / 2), ("vote2", c.commit_timeout_s / 2),
         ):  # fmt: skip
             t += length
@@ -177,22 +215,23 @@ class Round(OwnerShard):
         return self._commit()
 
     async def _coordinate(self) -> None:
+        spec, owner = self.spec, self.owner
         await self._wait_all("reduce")
         self._mark("reduce_scatter")
-        averaged = self._reduce_own_shard()
-        if averaged is not None and self.relay is not None and averaged.numel():
-            averaged = await self.relay(averaged, self.my_result_weight)
+        averaged = owner.reduce()[0] if spec.reduce else None
+        if averaged is not None and spec.relay is not None and averaged.numel():
+            averaged = await spec.relay(averaged, owner.total_weight)
             self._mark("relay")
-        self._finish_own_shard(averaged)
+        update_fn = None if spec.relay is not None else spec.update_fn
+        owner.finish(averaged, None if update_fn is None else lambda values: update_fn(self.rank, values))
         self._mark("update")
-        self.send_garbage = await self._hook("after_reduce") == "garbage"
         self.result_ready.set()
         await self._wait_all("gather")
         self._mark("all_gather")
         edges = frozenset(
             edge(self.rank, p.rank)
             for p in self.peers.values()
-            if p.excluded is not None or (self.gather and p.result is None)
+            if p.excluded is not None or (spec.gather and p.result is None)
         )
         for stage in (1, 2):
             self.my_votes[stage] = edges
@@ -201,14 +240,12 @@ class Round(OwnerShard):
             for peer in self.peers.values():
                 edges |= peer.votes.get(stage, frozenset())
         self.edges = edges
-        self.dropped = faulty_members(edges) if self.gather else frozenset()
+        self.dropped = faulty_members(edges) if spec.gather else frozenset()
         self._mark("commit")
 
     async def _wait_all(self, phase: str) -> None:
         """Until every peer is past ``phase`` (or excluded), or the phase deadline; stragglers are excluded."""
         waits = [p.done[phase].wait() for p in self.peers.values()]
-        if self.faults is not None:
-            await self.faults.checkpoint()
         remaining = self.deadline[phase] - asyncio.get_running_loop().time()
         if waits:
             with contextlib.suppress(TimeoutError):
@@ -221,18 +258,9 @@ class Round(OwnerShard):
     def _mark(self, phase: str) -> None:
         self.timings[phase] = asyncio.get_running_loop().time() - self.t0
 
-    async def _hook(self, phase: str) -> str | None:
-        if self.faults is None:
-            return None
-        kind = self.faults.trigger(phase)
-        if kind == "kill":
-            raise InjectedCrash(f"{self.tag} crash injected at {phase}")
-        await self.faults.checkpoint()
-        return kind
-
     # ------------------------------------------------------------------------------------------ connect
 
-    async def _accept(self, inbox: Inbox) -> None:
+    async def _accept(self, inbox: Inbox | FaultyInbox) -> None:
         """Hand channels opened by lower ranks to their sessions; refuse anyone else."""
         waiting = {p.rank for p in self.peers.values() if p.rank < self.rank}
         while waiting:
@@ -284,13 +312,9 @@ class Round(OwnerShard):
 
     async def _sender(self, peer: _Peer) -> None:
         try:
-            if self.faults is not None:  # "before_send" means: every channel open, nothing sent yet
-                await self._wait_all("connect")
-            if await self._hook("before_send") == "garbage":
-                return await self._send_garbage(peer)
-            if self.reduce:
+            if self.spec.reduce:
                 await self._send_contribution(peer)
-            if self.gather:
+            if self.spec.gather:
                 await self.result_ready.wait()
                 await self._send_result(peer)
             for stage in (1, 2):
@@ -301,11 +325,9 @@ class Round(OwnerShard):
 
     async def _send_contribution(self, peer: _Peer) -> None:
         start, end = self.plan.bounds[peer.rank]
-        data = self._shard_data(peer.rank)
-        chunks = chunk_bounds(end - start, self.config.chunk_elems)
-        for i, (offset, length) in enumerate(chunks):
-            if i == len(chunks) // 2 and i > 0 and await self._hook("mid_reduce_scatter") == "garbage":
-                return await self._send_garbage(peer)
+        data = self.plan.shard_values(self.tensors, peer.rank)
+        weight = self.spec.contribution_weight
+        for offset, length in chunk_bounds(end - start, self.config.chunk_elems):
             piece = data[offset : offset + length]
             if self.ef is not None:
                 key = ("rs", start + offset, length)
@@ -314,40 +336,19 @@ class Round(OwnerShard):
             else:
                 enc = self.codec.encode(piece)
             header, buffers = to_wire(enc)
-            await self._send(peer, wire.chunk_header("rs", peer.rank, offset, header, self.weight), "reduce")
+            await self._send(peer, wire.chunk_header("rs", peer.rank, offset, header, weight), "reduce")
             for buffer in buffers:
                 await self._send(peer, buffer, "reduce")
 
     async def _send_result(self, peer: _Peer) -> None:
-        ordinal = sorted(self.peers).index(peer.rank)
-        n_others = len(self.peers)
-        try:
-            if self.faults is not None:
-                kind = await self.faults.gather_turn(ordinal, n_others)
-                if kind == "kill":
-                    raise InjectedCrash(f"{self.tag} crash injected at mid_all_gather")
-                if kind is not None:
-                    await self.faults.checkpoint()
-                if kind == "garbage" or self.send_garbage:
-                    return await self._send_garbage(peer)
-            header = wire.result_header(self.rank, self.my_contributors, self.my_result_weight)
-            await self._send(peer, header, "gather")
-            for chunk_header, buffers in self.encoded_result:
-                await self._send(peer, chunk_header, "gather")
-                for buffer in buffers:
-                    await self._send(peer, buffer, "gather")
-        finally:
-            if self.faults is not None:
-                self.faults.gather_sent(ordinal, n_others)
-
-    async def _send_garbage(self, peer: _Peer) -> None:
-        assert self.faults is not None
-        await self._send(peer, self.faults.garbage(), "reduce")
-        raise NetworkError("sent garbage (injected fault): the peer will drop this channel")
+        owner = self.owner
+        await self._send(peer, wire.result_header(self.rank, owner.contributors, owner.total_weight), "gather")
+        for chunk_header, buffers in owner.encoded:
+            await self._send(peer, chunk_header, "gather")
+            for buffer in buffers:
+                await self._send(peer, buffer, "gather")
 
     async def _send(self, peer: _Peer, data: BytesLike, phase: str) -> None:
-        if self.faults is not None:
-            await self.faults.checkpoint()
         channel = peer.channel
         if channel is None or peer.excluded is not None:
             raise NetworkError("peer excluded")
@@ -361,11 +362,11 @@ class Round(OwnerShard):
     async def _receiver(self, peer: _Peer) -> None:
         phase = "reduce"
         try:
-            if self.reduce:
+            if self.spec.reduce:
                 await self._receive_contribution(peer)
             peer.done["reduce"].set()
             phase = "gather"
-            if self.gather:
+            if self.spec.gather:
                 await self._receive_result(peer)
             peer.done["gather"].set()
             for stage in (1, 2):
@@ -378,22 +379,21 @@ class Round(OwnerShard):
             self._exclude(peer, f"{phase}: {e!r}")
 
     async def _receive_contribution(self, peer: _Peer) -> None:
-        size = self.plan.sizes[self.rank]
-        target = self.buffers.get(f"contribution/{peer.rank}", size)
-        weight: float | None = None
-        for offset, length in chunk_bounds(size, self.config.chunk_elems):
+        target: torch.Tensor | None = None  # the owner's buffer for this contribution, once its weight is known
+        weight = 0.0
+        for offset, length in chunk_bounds(self.plan.sizes[self.rank], self.config.chunk_elems):
             raw = await self._recv(peer, wire.MAX_CONTROL_BYTES, "reduce")
             header, layout = wire.check_chunk(
                 raw, phase="rs", shard=self.rank, offset=offset, numel=length, codec=self.codec.name
             )
-            if weight is None:
+            if target is None:
                 weight = header["weight"]
-                peer.weight, peer.receiving = weight, target
+                target = self.owner.start(peer.rank, weight)
             elif header["weight"] != weight:
                 raise ProtocolError(f"weight changed from {weight} to {header['weight']} within a contribution")
             await self._receive_chunk(peer, header["codec"], layout, target[offset : offset + length], "reduce")
-            self._average_early(offset, length)
-        peer.contribution, peer.weight = target, weight if weight is not None else 1.0
+            self.owner.add_chunk(peer.rank, offset, length)
+        self.owner.complete(peer.rank)
 
     async def _receive_result(self, peer: _Peer) -> None:
         size = self.plan.sizes[peer.rank]
@@ -403,13 +403,13 @@ class Round(OwnerShard):
         await self.result_ready.wait()
         raw = await self._recv(peer, wire.MAX_CONTROL_BYTES, "gather", boundary=2)
         meta = wire.check_result(raw, shard=peer.rank, group_size=self.group.size)
-        if not self.reduce and meta[0] != (peer.rank,):
+        if not self.spec.reduce and meta[0] != (peer.rank,):
             raise ProtocolError("an all-gather result has its owner as only contributor")
         staging = self.buffers.get(f"staging/{peer.rank}", size)
         for offset, length in chunk_bounds(size, self.config.chunk_elems):
             raw = await self._recv(peer, wire.MAX_CONTROL_BYTES, "gather")
             header, layout = wire.check_chunk(
-                raw, phase="ag", shard=peer.rank, offset=offset, numel=length, codec=self.gather_codec.name
+                raw, phase="ag", shard=peer.rank, offset=offset, numel=length, codec=self.gather_codec_name
             )
             await self._receive_chunk(peer, header["codec"], layout, staging[offset : offset + length], "gather")
         peer.staging, peer.result = staging, meta
@@ -450,8 +450,6 @@ class Round(OwnerShard):
         return got
 
     async def _before_recv(self, peer: _Peer) -> Channel:
-        if self.faults is not None:
-            await self.faults.checkpoint()
         if peer.channel is None or peer.excluded is not None:
             raise NetworkError("peer excluded")
         return peer.channel
@@ -468,7 +466,7 @@ class Round(OwnerShard):
         remaining = self.deadline[phase] - asyncio.get_running_loop().time()
         allowed = self.config.stall_timeout_s * boundary
         if phase == "gather" and boundary == 2:
-            allowed += self.relay_timeout_s  # the owner averages its shard across groups before sending it
+            allowed += self.spec.relay_timeout_s  # the owner averages its shard across groups before sending it
         return max(0.0, min(allowed, remaining))
 
     # ------------------------------------------------------------------------------------------ endings
@@ -479,6 +477,7 @@ class Round(OwnerShard):
         peer.excluded = reason
         logger.warning("%s excluded rank %d (%s) for this round: %s", self.tag, peer.rank,
                        short_peer_id(self.group.members[peer.rank].peer_id), reason)  # fmt: skip
+        self.owner.leave_out(peer.rank)
         if peer.channel is not None:
             channel, peer.channel = peer.channel, None
             self.plane.close_later(channel)  # a stalled peer must not hold up the end of our round
@@ -495,16 +494,17 @@ class Round(OwnerShard):
         await asyncio.gather(*(c.aclose() for c in channels), return_exceptions=True)
 
     def _commit(self) -> RoundResult:
+        gather, owner = self.spec.gather, self.owner
         committed: list[int] = []
         contributors: dict[int, tuple[int, ...]] = {}
-        if not self.gather:  # reduce-scatter alone: this member's shard is its own business
-            committed, contributors = [self.rank], {self.rank: self.my_contributors}
-        for shard in range(self.group.size) if self.gather else ():
+        if not gather:  # reduce-scatter alone: this member's shard is its own business
+            committed, contributors = [self.rank], {self.rank: owner.contributors}
+        for shard in range(self.group.size) if gather else ():
             if shard in self.dropped:
                 continue
             if shard == self.rank:
-                assert self.my_result is not None
-                values, contributors[shard] = self.my_result, self.my_contributors
+                assert owner.result is not None
+                values, contributors[shard] = owner.result, owner.contributors
             else:
                 peer = self.peers[shard]
                 if peer.result is None or peer.staging is None:
@@ -513,15 +513,46 @@ class Round(OwnerShard):
             self.plan.assign(self.out, shard, values)
             committed.append(shard)
         self._restore_residuals(contributors)
-        missing = tuple(s for s in range(self.group.size) if s not in committed) if self.gather else ()
-        shard = self._own_shard(self.rank in committed and self.gather)
+        missing = tuple(s for s in range(self.group.size) if s not in committed) if gather else ()
         return RoundResult(
             rank=self.rank, group=self.group, plan=self.plan, committed=tuple(committed), missing_shards=missing,
             faulty=tuple(sorted(self.dropped)), contributors=contributors,
-            excluded={p.rank: p.excluded for p in self.peers.values() if p.excluded}, shard=shard,
-            planes={r: p.plane for r, p in self.peers.items()}, timings=self.timings, reduced=self.reduce,
+            excluded={p.rank: p.excluded for p in self.peers.values() if p.excluded},
+            shard=self._reported_shard(self.rank in committed and gather),
+            planes={r: p.plane for r, p in self.peers.items()}, timings=self.timings, reduced=self.spec.reduce,
             bytes_sent=self.bytes_sent, bytes_received=self.bytes_received,
         )  # fmt: skip
+
+    def _reported_shard(self, in_out: bool) -> torch.Tensor | None:
+        """This member's result for :class:`RoundResult`, which outlives the pool's buffers. Once the result is in
+        ``out`` and lies in one tensor, a view of it (copying 1/G of the model per round into fresh memory was
+        a tenth of a member's CPU time, page faults included); otherwise a copy where it is the pool's buffer."""
+        if self.owner.result is None:
+            return None
+        pieces = self.plan.slices_for(self.rank)
+        if in_out and len(pieces) == 1:
+            piece = pieces[0]
+            return self.out[piece.tensor].detach().view(-1)[piece.start : piece.end]
+        return self.owner.detached_result()
+
+    def _restore_residuals(self, contributors: dict[int, tuple[int, ...]]) -> None:
+        """Error feedback: what an owner did not average in (or a dropped shard) goes back into the residual,
+        once. If that destination failed the previous round too, the residual is dropped instead: a peer that
+        keeps failing must not make it grow without bound (until it no longer fits the codec's range)."""
+        if self.ef is None or not self.spec.gather:
+            return
+        for peer in self.peers.values():
+            if self.rank in contributors.get(peer.rank, ()):
+                continue
+            for key, enc in peer.sent_encodings:
+                residual = self.ef.residual(key)
+                if residual is None:
+                    continue
+                if key in self.restored_before:
+                    self.ef.reset(key)
+                else:
+                    residual.add_(decode(enc))
+                    self.restored.add(key)
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
@@ -535,6 +566,8 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
 def _plane_name(channel: Channel | None) -> str:
     if channel is None:
         return "-"
+    if isinstance(channel, FaultyChannel):
+        channel = channel.inner
     return "direct" if isinstance(channel, SecureChannel) else "libp2p"
 
 

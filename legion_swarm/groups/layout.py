@@ -28,6 +28,7 @@ import msgpack
 
 from legion_swarm.errors import ConfigError
 from legion_swarm.groups.info import GroupInfo, GroupMember
+from legion_swarm.groups.partition import group_plan
 
 __all__ = ["Layout"]
 
@@ -101,8 +102,6 @@ class Layout:
     def owned_range(self, peer_id: str, numels: Sequence[int]) -> tuple[int, int]:
         """The flat range whose optimizer state ``peer_id`` keeps: its shard with one group, its piece of its
         column's shard with several (empty for a member that owns no shard)."""
-        from legion_swarm.collectives.partition import group_plan  # collectives sit above groups
-
         group = self.group_of(peer_id)
         rank = group.rank_of(peer_id)
         lo, hi = group_plan(group, numels).bounds[rank]
