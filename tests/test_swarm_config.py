@@ -11,7 +11,7 @@ import pytest
 from legion_swarm.config import TrainConfig
 from legion_swarm.errors import SwarmConfigError
 from legion_swarm.sim import start_process, stop_process
-from legion_swarm.train.config import DataConfig, ModelConfig
+from legion_swarm.config import DataConfig, ModelConfig
 from legion_swarm.train.swarm_config import SignedSpec, SwarmSpec, check_overrides
 from legion_swarm.transport.identity import Identity
 from tests.conftest import run_cli
