@@ -11,8 +11,8 @@ import types
 import pytest
 import torch
 
-from legion_swarm.errors import ConfigError, ModelError
 from legion_swarm.config import PRESETS, ModelConfig
+from legion_swarm.errors import ConfigError, ModelError
 from legion_swarm.train.model import INIT_STD, HFCausalLM, TinyGPT, build_model
 
 pytestmark = pytest.mark.timeout(60)
