@@ -16,8 +16,7 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from legion_swarm.config import SPEC_SECTIONS
-from legion_swarm.config.flags import add_config_flags, config_overrides, flags_argv
+from legion_swarm.config import SPEC_SECTIONS, add_config_flags, config_overrides, flags_argv
 from legion_swarm.errors import SwarmConfigError
 
 logger = logging.getLogger(__name__)

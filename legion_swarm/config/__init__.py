@@ -13,7 +13,16 @@ public way in; the submodules are the design's layout.
 
 from __future__ import annotations
 
-from legion_swarm.config.flags import Flag, add_config_flags, cli, config_flags, config_overrides, field_docs
+from legion_swarm.config.flags import (
+    Flag,
+    add_config_flags,
+    cli,
+    config_flags,
+    config_overrides,
+    field_docs,
+    flags_argv,
+    option_of,
+)
 from legion_swarm.config.model import HF_DEFAULT_GEOMETRY, HF_PREFIX, PRESETS, DataConfig, ModelConfig
 from legion_swarm.config.peer import (
     DEFAULT_BOOTSTRAP_PORT,
@@ -65,6 +74,8 @@ __all__ = [
     "config_flags",
     "config_overrides",
     "field_docs",
+    "flags_argv",
+    "option_of",
     "validate_multiaddr",
     "validate_swarm_name",
 ]

@@ -26,8 +26,7 @@ from typing import Any
 
 import msgpack
 
-from legion_swarm.config import SPEC_SECTIONS, CollectiveConfig, DataConfig, ModelConfig, TrainConfig
-from legion_swarm.config.flags import option_of
+from legion_swarm.config import SPEC_SECTIONS, CollectiveConfig, DataConfig, ModelConfig, TrainConfig, option_of
 from legion_swarm.dht.node import SwarmDHT, dht_time
 from legion_swarm.dht.records import ConfigRecord, config_key
 from legion_swarm.errors import ConfigError, SwarmConfigError
