@@ -9,11 +9,10 @@ import os
 import pytest
 import torch
 
-from legion_swarm.config import TrainConfig
+from legion_swarm.config import DataConfig, ModelConfig, TrainConfig
 from legion_swarm.errors import SwarmConfigError
 from legion_swarm.sim import LocalSwarm
 from legion_swarm.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from legion_swarm.train.config import DataConfig, ModelConfig
 from legion_swarm.train.optim import StateSlice
 from legion_swarm.train.state_sync import fetch_meta
 from legion_swarm.train.swarm_config import SwarmSpec

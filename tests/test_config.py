@@ -109,3 +109,51 @@ def test_train_config_rejects_bad_values(changes: dict) -> None:
 
     with pytest.raises(ConfigError):
         TrainConfig(**changes)
+
+
+def test_every_generated_flag_has_its_fields_doc_and_default_as_help() -> None:
+    from legion_swarm.config import SPEC_SECTIONS, config_flags, field_docs
+
+    for section, cls in SPEC_SECTIONS.items():
+        docs = field_docs(cls)
+        for flag in config_flags(cls, section):
+            assert docs.get(flag.name), f"{section}.{flag.name} has no docstring"
+            assert flag.help.startswith(" ".join(docs[flag.name].replace("``", "").split()))
+            assert "(default: " in flag.help
+
+
+def test_flags_follow_one_rule_and_keep_the_known_names() -> None:
+    from legion_swarm.config import SPEC_SECTIONS, config_flags
+
+    options = {(f.section, f.name): f.option for s, cls in SPEC_SECTIONS.items() for f in config_flags(cls, s)}
+    known = {
+        ("train", "mode"): "--mode", ("train", "codec"): "--compress", ("train", "lr"): "--lr",
+        ("train", "inner_steps"): "--inner-steps", ("model", "preset"): "--model", ("data", "source"): "--data",
+        ("data", "batch_size"): "--batch-size", ("train", "max_group"): "--max-group",
+        ("train", "min_group"): "--min-group",
+    }  # fmt: skip
+    for key, option in known.items():
+        assert options.pop(key) == option
+    for (section, name), option in options.items():  # every other field: --<section>-<name>
+        assert option == f"--{section}-{name.replace('_', '-')}"
+    assert ("collective", "reduce_timeout_s") in options and ("collective", "plane") in options
+    assert ("collective", "codec") not in options and ("train", "betas") not in options  # never flags
+    assert len(set(options.values())) == len(options)
+
+
+def test_generated_flags_parse_into_per_section_overrides() -> None:
+    import argparse
+
+    from legion_swarm.config import SPEC_SECTIONS, TrainConfig, add_config_flags, config_overrides
+
+    parser = argparse.ArgumentParser()
+    for section, cls in SPEC_SECTIONS.items():
+        add_config_flags(parser, cls, section)
+    args = parser.parse_args(["--compress", "int8", "--collective-gather-timeout-s", "30", "--model-n-layer", "3"])
+    assert config_overrides(args, SPEC_SECTIONS) == {
+        "model": {"n_layer": 3}, "train": {"codec": "int8"}, "collective": {"gather_timeout_s": 30.0},
+    }  # fmt: skip
+    assert config_overrides(parser.parse_args([]), SPEC_SECTIONS) == {}
+    assert TrainConfig.codec is None and TrainConfig.mode == "diloco"  # metadata keeps the class defaults
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--collective-plane", "udp"])

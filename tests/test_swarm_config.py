@@ -8,10 +8,9 @@ import dataclasses
 
 import pytest
 
-from legion_swarm.config import TrainConfig
+from legion_swarm.config import DataConfig, ModelConfig, TrainConfig
 from legion_swarm.errors import SwarmConfigError
 from legion_swarm.sim import start_process, stop_process
-from legion_swarm.train.config import DataConfig, ModelConfig
 from legion_swarm.train.swarm_config import SignedSpec, SwarmSpec, check_overrides
 from legion_swarm.transport.identity import Identity
 from tests.conftest import run_cli
@@ -109,3 +108,44 @@ async def test_a_joiner_takes_the_config_its_entry_peer_names_not_the_most_commo
         assert got.digest == real.digest and got.spec.train.mode == "sync"
     finally:
         await asyncio.gather(*(p.aclose() for p in peers), return_exceptions=True)
+
+
+def test_the_collective_section_round_trips_and_only_a_non_default_one_changes_the_digest() -> None:
+    from legion_swarm.config import CollectiveConfig
+
+    plain = SwarmSpec()
+    assert "collective" not in plain.to_dict()  # old records, checkpoints and digests stay valid
+    assert SwarmSpec.from_dict({**plain.to_dict(), "collective": {}}).digest() == plain.digest()
+    short = SwarmSpec(collective=CollectiveConfig(reduce_timeout_s=20.0, plane="libp2p"))
+    assert short.digest() != plain.digest() and SwarmSpec.from_dict(short.to_dict()) == short
+    assert "codec" not in short.to_dict()["collective"]
+    used = short.collective_config()
+    assert used.codec == "int8" and used.reduce_timeout_s == 20.0 and used.plane == "libp2p"
+    local = short.collective_config(CollectiveConfig(reduce_timeout_s=7.0))
+    assert local.codec == "int8" and local.reduce_timeout_s == 7.0
+    with pytest.raises(SwarmConfigError, match=r"unknown \[collective\] keys: codec"):
+        SwarmSpec.from_dict({"collective": {"codec": "fp16"}})
+    with pytest.raises(SwarmConfigError, match="stall_timeout_s"):
+        SwarmSpec.from_dict({"collective": {"reduce_timeout_s": 1.0}})
+    check_overrides(short, {"collective": {"reduce_timeout_s": 20.0}})
+    with pytest.raises(SwarmConfigError, match=r"--collective-reduce-timeout-s 60\.0 conflicts"):
+        check_overrides(short, {"collective": {"reduce_timeout_s": 60.0}})
+    with pytest.raises(SwarmConfigError, match="--compress fp16 conflicts"):
+        check_overrides(short, {"train": {"codec": "fp16"}})
+
+
+def test_creator_flags_override_the_config_file_and_steps_is_an_alias_of_rounds(tmp_path, caplog) -> None:
+    from legion_swarm.cli import build_parser
+    from legion_swarm.cli.train import spec_argv, spec_from_args
+
+    path = tmp_path / "swarm.toml"
+    path.write_text('[model]\npreset = "small"\n[collective]\ngather_timeout_s = 30.0\n')
+    argv = ["--config", str(path), "--model", "tiny", "--collective-reduce-timeout-s", "20", "--max-group", "4"]
+    args = build_parser().parse_args(["simulate", *argv, "--steps", "3"])
+    spec = spec_from_args(args)
+    assert spec.model.preset == "tiny" and spec.model.n_layer == 5  # a new preset brings its own sizes
+    assert (spec.collective.reduce_timeout_s, spec.collective.gather_timeout_s) == (20.0, 30.0)
+    assert spec.train.max_group == 4 and args.rounds == 3
+    assert "--steps is deprecated: use --rounds" in caplog.text
+    assert build_parser().parse_args(["bootstrap", *spec_argv(args)]) is not None
+    assert spec_argv(args) == ["--model", "tiny", "--max-group", "4", "--collective-reduce-timeout-s", "20.0"]

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
+from legion_swarm.config import DataConfig, ModelConfig
 from legion_swarm.errors import ConfigError, DataError
 from legion_swarm.train import corpus
-from legion_swarm.train.config import DataConfig, ModelConfig
 from legion_swarm.train.data import (
     ShardReader,
     SplitTokens,

@@ -11,8 +11,8 @@ import types
 import pytest
 import torch
 
+from legion_swarm.config import PRESETS, ModelConfig
 from legion_swarm.errors import ConfigError, ModelError
-from legion_swarm.train.config import PRESETS, ModelConfig
 from legion_swarm.train.model import INIT_STD, HFCausalLM, TinyGPT, build_model
 
 pytestmark = pytest.mark.timeout(60)
@@ -174,7 +174,7 @@ def test_init_is_deterministic_and_ignores_the_global_rng() -> None:
 def test_init_is_bit_identical_in_another_process() -> None:
     code = (
         "import hashlib, torch; torch.manual_seed(99)\n"
-        "from legion_swarm.train.config import ModelConfig\n"
+        "from legion_swarm.config import ModelConfig\n"
         "from legion_swarm.train.model import build_model\n"
         "m = build_model(ModelConfig(preset='tiny', seed=3)); h = hashlib.sha256()\n"
         "for n, p in m.named_parameters(): h.update(n.encode()); h.update(p.detach().numpy().tobytes())\n"

@@ -27,6 +27,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class _DeprecatedAlias(argparse.Action):
+    """Stores the value like a plain option, warning when it came by a deprecated name (every name after the
+    first: ``--steps`` for ``--rounds``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if option_string is not None and option_string != self.option_strings[0]:
+            logger.warning("%s is deprecated: use %s", option_string, self.option_strings[0])
+        setattr(namespace, self.dest, values)
+
+
 def _checked(validate, what: str):
     def convert(text: str):
         try:
@@ -192,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     _seconds(p, "--duration", 0.0, "keep the swarm up this long after training (default: 0)", zero_ok=True)
     add_spec_flags(p, creator=True)
     p.add_argument(
-        "--steps",
+        "--rounds",
+        "--steps",  # its old name, before it took join's; still accepted, with a warning
+        action=_DeprecatedAlias,
         type=_checked(_positive_int, "count"),
         default=12,
         help="rounds each peer trains "

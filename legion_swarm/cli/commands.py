@@ -196,12 +196,9 @@ async def wait_for_members(peer: SwarmPeer, count: int, timeout: float, stop: as
 
 def _spec_argv(args: argparse.Namespace) -> list[str]:
     """The creator flags of ``simulate`` as the bootstrap node's command line."""
-    argv = ["--config", args.config] if args.config else []
-    for flag in ("mode", "compress", "lr", "inner_steps", "model", "data", "batch_size"):
-        value = getattr(args, flag)
-        if value is not None:
-            argv += [f"--{flag.replace('_', '-')}", str(value)]
-    return argv
+    from legion_swarm.cli.train import spec_argv
+
+    return (["--config", args.config] if args.config else []) + spec_argv(args)
 
 
 def loss_table(summaries: dict[str, dict | None]) -> Table:
@@ -220,7 +217,7 @@ def loss_table(summaries: dict[str, dict | None]) -> Table:
 
 
 async def simulate(args: argparse.Namespace) -> int:
-    """A bootstrap and N peer processes on this machine; unless ``--no-train`` they train ``--steps`` rounds on the
+    """A bootstrap and N peer processes on this machine; unless ``--no-train`` they train ``--rounds`` rounds on the
     swarm's config (the embedded default: TinyGPT-tiny on the built-in corpus); then everything shuts down."""
     from legion_swarm.cli.train import spec_from_args
     from legion_swarm.sim import LocalSwarm, NetSimSpec, pid_alive, threads_per_peer
@@ -237,7 +234,7 @@ async def simulate(args: argparse.Namespace) -> int:
         )  # fmt: skip
     stop = install_stop_signals()
     started = time.perf_counter()
-    peer_args = ("--no-train",) if args.no_train else ("--rounds", str(args.steps), *threads_per_peer(args.peers))
+    peer_args = ("--no-train",) if args.no_train else ("--rounds", str(args.rounds), *threads_per_peer(args.peers))
     with stdout.status(f"starting a bootstrap node and {args.peers} peers as separate processes…"):
         swarm = await until_stopped(
             LocalSwarm.create(
@@ -333,7 +330,7 @@ class _Churn:
             logger.info("churn: SIGKILL %s", victim.name)
             await swarm.kill(victim, signal.SIGKILL)
             self.killed.append(victim)
-            task = asyncio.create_task(self._restart(victim, max(1, self.args.steps - committed[victim.peer_id])))
+            task = asyncio.create_task(self._restart(victim, max(1, self.args.rounds - committed[victim.peer_id])))
             self.pending.add(task)
             task.add_done_callback(self.pending.discard)
 

@@ -16,53 +16,34 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from legion_swarm.config import CODECS, MODES
+from legion_swarm.config import SPEC_SECTIONS, add_config_flags, config_overrides, flags_argv
 from legion_swarm.errors import SwarmConfigError
 
 logger = logging.getLogger(__name__)
 
-# flag -> (section, key, type): CLI flags map one to one onto the swarm config's fields.
-SPEC_FLAGS: dict[str, tuple[str, str, type]] = {
-    "mode": ("train", "mode", str),
-    "compress": ("train", "codec", str),
-    "lr": ("train", "lr", float),
-    "inner_steps": ("train", "inner_steps", int),
-    "model": ("model", "preset", str),
-    "data": ("data", "source", str),
-    "batch_size": ("data", "batch_size", int),
-    "max_group": ("train", "max_group", int),
-    "min_group": ("train", "min_group", int),
-}
-
 
 def add_spec_flags(p: argparse.ArgumentParser, *, creator: bool) -> None:
-    what = "the swarm's" if creator else "must equal the swarm's"
+    """The swarm config's flags, one per field of its sections (generated: :mod:`legion_swarm.config.flags`). A
+    creator's flags set the swarm's config; a joiner's must equal it (:func:`check_overrides`)."""
     if creator:
         p.add_argument(
             "--config", metavar="FILE",
-            help="swarm config: a TOML file with [model], [data], [train] tables, or a checkpoint (.safetensors)",
+            help="swarm config: a TOML file with [model], [data], [train], [collective] tables, or a checkpoint "
+            "(.safetensors); the flags below override its values",
         )  # fmt: skip
-    p.add_argument("--mode", choices=MODES, help=f"training mode ({what}; default diloco)")
-    p.add_argument("--compress", choices=CODECS, help=f"codec of exchanged tensors ({what}; default by mode)")
-    p.add_argument("--lr", type=float, help=f"AdamW learning rate ({what})")
-    p.add_argument("--inner-steps", type=int, metavar="H", help=f"diloco: local steps per round ({what})")
-    p.add_argument("--model", metavar="PRESET", help=f"tiny | small | medium | hf:TYPE ({what}; default tiny)")
-    p.add_argument("--data", metavar="SOURCE", help=f"builtin | dummy | PATH | HUB_NAME ({what}; default builtin)")
-    p.add_argument("--batch-size", type=int, metavar="N", help=f"sequences per peer per step ({what})")
-    p.add_argument(
-        "--max-group", type=int, metavar="N",
-        help=f"split larger rounds into latency-based groups of at most N peers ({what}; default 0: one group)",
-    )  # fmt: skip
-    p.add_argument("--min-group", type=int, metavar="N", help=f"smallest group when split ({what}; default 2)")
+    note = "the swarm's config" if creator else "each given flag must equal the swarm's config"
+    for section, cls in SPEC_SECTIONS.items():
+        add_config_flags(p, cls, section, note=note)
 
 
 def overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for flag, (section, key, _) in SPEC_FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            out.setdefault(section, {})[key] = value
-    return out
+    """The swarm config flags given on the command line: ``{"train": {"codec": "int8"}, ...}``."""
+    return config_overrides(args, SPEC_SECTIONS)
+
+
+def spec_argv(args: argparse.Namespace) -> list[str]:
+    """The swarm config flags given on the command line, as a command line again (for ``simulate``'s bootstrap)."""
+    return flags_argv(overrides(args), SPEC_SECTIONS)
 
 
 def pin_data(spec: Any) -> Any:

@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from legion_swarm.config import DataConfig
 from legion_swarm.errors import DataError
-from legion_swarm.train.config import DataConfig
 from legion_swarm.train.corpus import corpus_documents, corpus_tokens, dummy_tokens
 from legion_swarm.train.tokenizer import ByteTokenizer, HFTokenizer, get_tokenizer, token_dtype, token_fingerprint
 

@@ -19,7 +19,6 @@ A round that commits nothing counts as failed; ``max_failed_rounds`` failures in
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import logging
 import time
@@ -73,7 +72,8 @@ class LoopConfig:
     """Evaluate the validation loss every this many rounds (0: only at the end)."""
     eval_batches: int = 8
     collective: CollectiveConfig | None = None
-    """Deadlines of the collective rounds; the codec always comes from the swarm's config."""
+    """A local replacement of the swarm config's ``collective`` section (e.g. short deadlines in tests); the codecs
+    always come from the swarm's config. ``None``: the swarm's section."""
 
 
 @dataclass
@@ -116,9 +116,7 @@ class SwarmTrainer(StateSource):
         self.params = trainable(self.model)
         self.numel = sum(p.numel() for p in self.params)
         self._sample_at = sample_positions([p.numel() for p in self.params])
-        collective = config.collective or CollectiveConfig()
-        codec = self.spec.train.resolved_codec
-        self.collectives = Collectives(peer.plane, _with_codec(collective, codec))
+        self.collectives = Collectives(peer.plane, self.spec.collective_config(config.collective))
         mode_cls = SyncMode if self.spec.train.mode == "sync" else DiLoCoMode
         self.mode: SyncMode | DiLoCoMode = mode_cls(self.model, self.collectives, self.spec.train)
         self.compute = self.mode.compute = Compute(nice=config.nice)
@@ -467,7 +465,3 @@ def _group_label(group: GroupInfo) -> str:
     """``<size>@<6 hex digits>``: equal for the members of one group, whatever the round."""
     ids = sorted(m.peer_id for m in group.members)
     return f"{group.size}@{hashlib.sha256(msgpack.packb(ids)).hexdigest()[:6]}"
-
-
-def _with_codec(config: CollectiveConfig, codec: str) -> CollectiveConfig:
-    return dataclasses.replace(config, codec=codec, gather_codec=None)

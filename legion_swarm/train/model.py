@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from legion_swarm.config import HF_PREFIX, ModelConfig
 from legion_swarm.errors import ModelError
-from legion_swarm.train.config import HF_PREFIX, ModelConfig
 
 logger = logging.getLogger(__name__)
 

@@ -5,6 +5,13 @@ its identity key and stores it in the DHT under ``legion/<swarm>/config``. Every
 copy of the same signed bytes under its own subkey, so the config outlives the creator. A joiner learns the
 config hash from its entry peer's hello, reads the copies, keeps one whose creator signature verifies and
 whose hash matches, and refuses to train with a conflicting local setting (:class:`SwarmConfigError`).
+
+The config has four sections (TOML tables): ``[model]``, ``[data]``, ``[train]`` and ``[collective]``
+(chunking, data plane and per-phase deadlines of the rounds). A section left out takes its defaults. The
+``[collective]`` section is written only when it differs from the defaults, so a config that leaves it at its
+defaults keeps the bytes and the digest it had before the section existed (old DHT records and checkpoints
+verify and load as they did); setting any ``[collective]`` value changes the digest, and peers of a version
+without the section refuse such a config (an unknown section) instead of running other deadlines.
 """
 
 from __future__ import annotations
@@ -19,11 +26,10 @@ from typing import Any
 
 import msgpack
 
-from legion_swarm.config import TrainConfig
+from legion_swarm.config import SPEC_SECTIONS, CollectiveConfig, DataConfig, ModelConfig, TrainConfig, option_of
 from legion_swarm.dht.node import SwarmDHT, dht_time
 from legion_swarm.dht.records import ConfigRecord, config_key
 from legion_swarm.errors import ConfigError, SwarmConfigError
-from legion_swarm.train.config import DataConfig, ModelConfig
 from legion_swarm.transport.identity import Identity, peer_id_of, verify
 
 logger = logging.getLogger(__name__)
@@ -36,38 +42,67 @@ class SwarmSpec:
     """Everything that must be equal on every training member of a swarm."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    """Which model: preset and sizes."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Where the tokens come from and how they are sharded and batched."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Mode, optimisers and the codec of the exchanged tensors."""
+    collective: CollectiveConfig = field(default_factory=CollectiveConfig)
+    """Chunking, data plane and deadlines of the collective rounds. Its ``codec`` stays at the default: the
+    swarm's codec is ``train.codec`` (see :meth:`collective_config`)."""
+
+    def __post_init__(self) -> None:
+        if self.collective.codec != CollectiveConfig.codec:
+            raise ConfigError("the swarm's codec is train.codec; leave collective.codec unset")
+
+    def collective_config(self, local: CollectiveConfig | None = None) -> CollectiveConfig:
+        """What a member's collective rounds run with: the ``collective`` section (or ``local``, a trainer's
+        own deadlines, e.g. short ones in tests) with the swarm's codecs (``train`` codec, ``collective``
+        gather codec)."""
+        base = self.collective if local is None else local
+        return dataclasses.replace(
+            base, codec=self.train.resolved_codec, gather_codec=self.collective.gather_codec
+        )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
-        train = dataclasses.asdict(self.train)
-        train["betas"] = list(train["betas"])
-        return {"version": SPEC_VERSION, "model": self.model.to_dict(), "data": self.data.to_dict(), "train": train}
+        out: dict[str, Any] = {"version": SPEC_VERSION}
+        for section in SPEC_SECTIONS:
+            values = dataclasses.asdict(getattr(self, section))
+            out[section] = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+        del out["collective"]["codec"]
+        if self.collective == CollectiveConfig():  # the digest of a config without the section (module doc)
+            del out["collective"]
+        return out
 
     @classmethod
     def from_dict(cls, obj: Any) -> SwarmSpec:
         if not isinstance(obj, dict) or obj.get("version", SPEC_VERSION) != SPEC_VERSION:
             raise SwarmConfigError(f"not a swarm config of version {SPEC_VERSION}")
-        unknown = set(obj) - {"version", "model", "data", "train"}
+        unknown = set(obj) - {"version", *SPEC_SECTIONS}
         if unknown:
             raise SwarmConfigError(f"unknown swarm config sections: {', '.join(sorted(unknown))}")
         train = dict(obj.get("train", {}))
-        names = {f.name for f in dataclasses.fields(TrainConfig)}
-        if set(train) - names:
-            raise SwarmConfigError(f"unknown [train] keys: {', '.join(sorted(set(train) - names))}")
-        if "betas" in train:
+        collective = dict(obj.get("collective", {}))
+        for section, values, names in (
+            ("train", train, [f.name for f in dataclasses.fields(TrainConfig)]),
+            ("collective", collective, [f.name for f in dataclasses.fields(CollectiveConfig) if f.name != "codec"]),
+        ):
+            if set(values) - set(names):
+                raise SwarmConfigError(f"unknown [{section}] keys: {', '.join(sorted(set(values) - set(names)))}")
+        if "betas" in train:  # TOML and msgpack have no tuples
             train["betas"] = tuple(train["betas"])
         try:
-            return cls(
-                model=ModelConfig.from_dict(obj.get("model", {})), data=DataConfig.from_dict(obj.get("data", {})),
-                train=TrainConfig(**train),
-            )  # fmt: skip
+            sections = {
+                "model": ModelConfig.from_dict(obj.get("model", {})), "data": DataConfig.from_dict(obj.get("data", {})),
+                "train": TrainConfig(**train), "collective": CollectiveConfig(**collective),
+            }  # fmt: skip
+            return cls(**sections)
         except (TypeError, ConfigError) as e:
             raise SwarmConfigError(f"bad swarm config: {e}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> SwarmSpec:
-        """Read a TOML file with optional ``[model]``, ``[data]`` and ``[train]`` tables."""
+        """Read a TOML file with optional ``[model]``, ``[data]``, ``[train]`` and ``[collective]`` tables."""
         try:
             with open(path, "rb") as f:
                 return cls.from_dict(tomllib.load(f))
@@ -159,14 +194,15 @@ async def fetch_spec(dht: SwarmDHT, swarm: str, digest: bytes | None = None) -> 
 
 def check_overrides(spec: SwarmSpec, overrides: dict[str, dict[str, Any]]) -> None:
     """Refuse local settings that differ from the swarm's: ``{"train": {"mode": "sync"}, ...}``."""
-    current = spec.to_dict()
     for section, values in overrides.items():
+        config = getattr(spec, section)
         for key, value in values.items():
-            have = current.get(section, {}).get(key)
-            if isinstance(have, list):
-                value = list(value)
+            have = getattr(config, key)
+            if isinstance(have, tuple):
+                value = tuple(value)
             if have != value:
+                flag = option_of(SPEC_SECTIONS[section], section, key)
                 raise SwarmConfigError(
-                    f"--{key.replace('_', '-')} {value} conflicts with the swarm's config ({section}.{key} = {have}); "
+                    f"{flag} {value} conflicts with the swarm's config ({section}.{key} = {have}); "
                     "drop the option to use the swarm's value"
                 )

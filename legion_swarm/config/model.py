@@ -1,8 +1,8 @@
 """Model and data settings of a swarm: frozen dataclasses that round-trip through plain dicts.
 
 Every training member of a swarm must use the same values, so these configs are part of the swarm's signed
-config (:mod:`legion_swarm.train.swarm_config`): they are turned into a plain dict (:meth:`ModelConfig.to_dict`),
-serialised canonically, hashed and signed. Two rules follow:
+config (:mod:`legion_swarm.train.swarm_config`, its ``[model]`` and ``[data]`` tables): they are turned into a
+plain dict (:meth:`ModelConfig.to_dict`), serialised canonically, hashed and signed. Two rules follow:
 
 - ``__post_init__`` *normalises* as well as validates: preset sizes are resolved into the explicit fields and
   numbers get their declared type (``dropout = 0`` from TOML becomes ``0.0``), so two configs that mean the same
@@ -19,9 +19,10 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Self
 
+from legion_swarm.config.flags import cli
 from legion_swarm.errors import ConfigError, DataError, ModelError
 
 PRESETS: dict[str, dict[str, int]] = {
@@ -85,7 +86,7 @@ class ModelConfig:
     config to switch presets.
     """
 
-    preset: str = "tiny"
+    preset: str = field(default="tiny", metadata=cli("model", metavar="PRESET"))
     """``tiny``, ``small``, ``medium``, ``custom`` or ``hf:<model_type>``."""
     n_layer: int | None = None
     """Transformer blocks."""
@@ -157,7 +158,7 @@ class DataConfig:
     The sequence length comes from :attr:`ModelConfig.seq_len`.
     """
 
-    source: str = "builtin"
+    source: str = field(default="builtin", metadata=cli("data", metavar="SOURCE"))
     """``builtin``, ``dummy``, a local path, or a Hub dataset name such as ``roneneldan/TinyStories``."""
     tokenizer: str = "bytes"
     """``bytes`` (UTF-8 bytes plus an end-of-document id, 257 ids) or ``hf:<name or path>`` (needs
@@ -166,7 +167,7 @@ class DataConfig:
     """Column holding the text in JSON, Parquet and Hub datasets."""
     split: str = "train"
     """Split of a Hub dataset to stream (the validation split is always carved out of it)."""
-    batch_size: int = 8
+    batch_size: int = field(default=8, metadata=cli("batch-size", metavar="N"))
     """Sequences per local step on each peer."""
     num_shards: int = 16
     """Contiguous shards the training tokens are cut into and leased to peers; at least the number of peers."""
