@@ -1,26 +1,25 @@
-"""Shared fixtures: a p2pd leak check around every test, CLI runner, observers, polling."""
+"""Fixtures and hooks: the two tiers, the guard that keeps unit tests from starting processes, the p2pd leak check.
+
+A test is ``integration`` exactly when it uses the :func:`real_processes` fixture, directly or through another fixture
+(``pytest -m "not integration"`` is the fast unit tier). Any other test that starts a process fails, in every
+run, so a test that forgets to ask for ``real_processes`` cannot hide in the unit tier.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import os
 import signal
-import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import TypeVar
+from collections.abc import Generator, Iterator
 
 import pytest
 
-from legion_swarm.sim import pid_alive, process_name
-
-T = TypeVar("T")
-
+from tests.helpers.processes import ProcessGuard, cmdline, descendants, p2pd_pids
 
 _PR_SET_CHILD_SUBREAPER = 36
+_REAL_PROCESSES = "real_processes"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -31,101 +30,82 @@ def pytest_configure(config: pytest.Config) -> None:
     libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
-def _descendants(root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+@pytest.fixture(scope="session")
+def real_processes() -> None:
+    """Declares that a test starts real processes: p2pd daemons, CLI runs, worker processes.
+
+    Using it (or a fixture that uses it) is what marks a test ``integration``; without it the test may start
+    none. Session-scoped so that module-scoped fixtures starting peers can depend on it too.
+    """
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Runs before the -m selection (ours is a conftest hook, the selection a plugin's), so the marker set here
+    # is the one `-m "not integration"` deselects on.
+    for item in items:
+        uses = _REAL_PROCESSES in getattr(item, "fixturenames", ())
+        if uses:
+            item.add_marker(pytest.mark.integration)
+        elif item.get_closest_marker("integration") is not None:
+            raise pytest.UsageError(f"{item.nodeid}: integration follows from `real_processes`, not by hand")
+
+
+def _is_unit(item: pytest.Item) -> bool:
+    return item.get_closest_marker("integration") is None
+
+
+def _guarded(item: pytest.Item) -> Generator[None, object, object]:
+    """Run one phase of ``item`` (setup, call or teardown) refusing process starts if it is a unit test."""
+    if not _is_unit(item):
+        return (yield)
+    error: BaseException | None = None
+    with ProcessGuard().refusing() as attempts:
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, stack = set(), [root]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            if child not in found:
-                found.add(child)
-                stack.append(child)
-    return found
+            result = yield
+        except BaseException as e:  # reported below, after the refused starts that likely caused it
+            error = e
+    if attempts:
+        listed = "\n  ".join(attempts)
+        pytest.fail(
+            f"{item.nodeid} is a unit test but tried to start a process; give it the `real_processes` fixture "
+            f"(which marks it integration). Refused:\n  {listed}",
+            pytrace=False,
+        )
+    if error is not None:
+        raise error
+    return result
 
 
-def p2pd_pids() -> set[int]:
-    """Live p2pd daemons started, directly or not, by this test process."""
-    return {pid for pid in _descendants(os.getpid()) if process_name(pid) == "p2pd" and pid_alive(pid)}
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, object, object]:
+    return (yield from _guarded(item))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+    return (yield from _guarded(item))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    return (yield from _guarded(item))
 
 
 @pytest.fixture(autouse=True)
-def no_p2pd_left_behind() -> object:
-    """Every p2pd that appears during a test must be gone shortly after it (checked by pid)."""
+def no_p2pd_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every p2pd that appears during a test must be gone shortly after it (checked by pid). A unit test may
+    leave no new process at all, not even a zombie: the backstop to the guard, for starts that bypass it."""
     before = p2pd_pids()
+    unit = _is_unit(request.node)
+    before_any = descendants(zombies=True) if unit else set()
     yield
     deadline = time.monotonic() + 5
     while (left := p2pd_pids() - before) and time.monotonic() < deadline:
         time.sleep(0.05)
-    described = {pid: _cmdline(pid) for pid in left}
-    for pid in left:  # do not poison the following tests, but fail this one
+    started = descendants(zombies=True) - before_any - left if unit else set()
+    described = {pid: cmdline(pid) for pid in left | started}
+    for pid in left | started:  # do not poison the following tests, but fail this one
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     assert not left, f"p2pd processes left running after the test: {described}"
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode()[-300:]
-    except OSError:
-        return "?"
-
-
-@dataclass
-class CliResult:
-    code: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-
-async def run_cli(*args: str, timeout: float = 60.0) -> CliResult:
-    """Run ``python -m legion_swarm *args`` to completion; kill it (and fail) past ``timeout``."""
-    started = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "legion_swarm", *args,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise AssertionError(f"legion-swarm {' '.join(args)} did not finish in {timeout} s") from None
-    return CliResult(proc.returncode or 0, out.decode(), err.decode(), time.monotonic() - started)
-
-
-async def eventually(check: Callable[[], Awaitable[T]], *, timeout: float, interval: float = 0.2) -> T:
-    """Poll ``check`` until it returns a truthy value; fail with its last value after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s (last value: {value!r})")
-        await asyncio.sleep(interval)
-
-
-@contextlib.asynccontextmanager
-async def observer(maddr: str, swarm: str | None = None) -> AsyncIterator[object]:
-    from legion_swarm.config import HostConfig, MembershipConfig, PeerConfig
-    from legion_swarm.peer import SwarmPeer
-
-    config = PeerConfig(
-        host=HostConfig(host="127.0.0.1", client_mode=True, initial_peers=(maddr,)),
-        membership=MembershipConfig(swarm=swarm, role="observer"),
-    )
-    peer = await SwarmPeer.create(config)
-    try:
-        yield peer
-    finally:
-        await peer.aclose()
+    assert not started, f"a unit test started processes (give it the `real_processes` fixture): {described}"

@@ -12,10 +12,11 @@ import pytest
 
 from legion_swarm.chaos import ChaosConfig, run_chaos
 from legion_swarm.sim import LocalSwarm
-from tests.conftest import eventually, observer, run_cli
-from tests.test_train_swarm import FAST
+from tests.helpers.polling import eventually
+from tests.helpers.processes import run_cli
+from tests.helpers.swarm import FAST, observer
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.usefixtures("real_processes"), pytest.mark.timeout(420)]
 
 
 async def test_a_swarm_under_churn_keeps_training_and_restarted_peers_rejoin() -> None:

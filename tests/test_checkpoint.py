@@ -16,7 +16,9 @@ from legion_swarm.train.checkpoint import Checkpoint, load_checkpoint, save_chec
 from legion_swarm.train.optim import StateSlice
 from legion_swarm.train.state_sync import fetch_meta
 from legion_swarm.train.swarm_config import SwarmSpec
-from tests.conftest import eventually, observer, run_cli
+from tests.helpers.polling import eventually
+from tests.helpers.processes import run_cli
+from tests.helpers.swarm import observer
 
 SPEC = SwarmSpec(
     model=ModelConfig(preset="custom", n_layer=1, n_head=2, d_model=16, seq_len=8),
@@ -58,7 +60,7 @@ def test_checkpoint_round_trip_and_corruption(tmp_path) -> None:
         load_checkpoint(tmp_path / "other.txt")
 
 
-@pytest.mark.integration
+@pytest.mark.usefixtures("real_processes")
 @pytest.mark.timeout(300)
 async def test_export_from_a_running_swarm_and_resume_a_new_swarm_from_it(tmp_path) -> None:
     # diloco: a round lasts a few local steps, so the owners still hold the exported state when asked for it

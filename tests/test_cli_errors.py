@@ -7,9 +7,9 @@ import socket
 import pytest
 
 from legion_swarm.sim import start_process, stop_process
-from tests.conftest import run_cli
+from tests.helpers.processes import run_cli
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.usefixtures("real_processes"), pytest.mark.timeout(120)]
 PEER = "/ip4/127.0.0.1/tcp/{port}/p2p/QmdtW6xneAJGp1wtT5edc5K73XWU2uWXhNoEV1vFStwsWt"
 
 

@@ -12,9 +12,11 @@ import pytest
 
 from legion_swarm.config import DHTConfig
 from legion_swarm.sim import LocalSwarm, pid_alive, start_process, stop_process
-from tests.conftest import eventually, observer, run_cli
+from tests.helpers.polling import eventually
+from tests.helpers.processes import run_cli
+from tests.helpers.swarm import observer
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.usefixtures("real_processes"), pytest.mark.timeout(180)]
 HEARTBEAT = 1.0
 NO_TRAIN = ("--no-train",)  # these tests are about membership; training has its own tests
 

@@ -392,6 +392,7 @@ print(json.dumps(form_groups(set(ids), RttMatrix.from_measurements(measurements,
 """
 
 
+@pytest.mark.usefixtures("real_processes")
 def test_hash_seed_does_not_matter() -> None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     outputs = []

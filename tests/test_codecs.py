@@ -30,17 +30,10 @@ from legion_swarm.codecs import (
 )
 from legion_swarm.codecs.base import all_finite, check_finite_range
 from legion_swarm.errors import ConfigError
+from tests.helpers.codecs import CODEC_OPTS
 
 ROOT = Path(__file__).resolve().parent.parent
 LENGTHS = [0, 1, 7, 255, 1000, 4097]
-CODEC_OPTS = {
-    "none": {},
-    "fp16": {},
-    "bf16": {},
-    "int8": {"block": 256},
-    "int4": {"block": 128},
-    "topk": {"fraction": 0.05},
-}
 
 
 def sample(dist: str, n: int, seed: int) -> torch.Tensor:
@@ -478,6 +471,7 @@ def test_fuzz_random_header_and_buffer_flips_never_crash() -> None:
         assert out.shape == (enc.numel,) and bool(torch.isfinite(out).all())
 
 
+@pytest.mark.usefixtures("real_processes")
 def test_benchmark_script_runs_small() -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_codecs.py"), "--numel", "100000", "--repeats", "1"],

@@ -4,9 +4,8 @@ within their declared bounds, error feedback over rounds, and faults at every na
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -20,22 +19,7 @@ from legion_swarm.config import CODECS, CollectiveConfig
 from legion_swarm.errors import ConfigError
 from legion_swarm.groups import GroupInfo, GroupMember
 from legion_swarm.transport.dataplane import DataPlane
-from legion_swarm.transport.identity import Identity
-
-FAST = {"connect_timeout_s": 3.0, "reduce_timeout_s": 6.0, "gather_timeout_s": 6.0, "commit_timeout_s": 2.0}
-FAST["stall_timeout_s"] = 3.0
-
-
-@contextlib.asynccontextmanager
-async def planes(n: int) -> AsyncIterator[list[DataPlane]]:
-    opened: list[DataPlane] = []
-    try:
-        for _ in range(n):
-            opened.append(await DataPlane.create(Identity.generate()))
-        yield opened
-    finally:
-        for plane in opened:
-            await plane.aclose()
+from tests.helpers.collectives import FAST, planes
 
 
 def group_of(planes_: Sequence[DataPlane]) -> GroupInfo:

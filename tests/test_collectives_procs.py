@@ -16,6 +16,8 @@ from legion_swarm.collectives.partition import plan_partition
 from legion_swarm.collectives.reference import reference_all_reduce, weighted_average
 from legion_swarm.collectives.worker import LR, WorkerProcess, make_inputs, make_params
 
+pytestmark = pytest.mark.usefixtures("real_processes")
+
 SIZES = [20000, 0, 777, 5003]
 CONFIG = {
     "chunk_elems": 4096, "connect_timeout_s": 1.5, "reduce_timeout_s": 8.0, "gather_timeout_s": 8.0,

@@ -21,7 +21,7 @@ from legion_swarm.codecs import get_codec, to_wire
 from legion_swarm.collectives import wire
 from legion_swarm.collectives.result import faulty_members
 from legion_swarm.errors import ProtocolError
-from tests.test_codecs import CODEC_OPTS
+from tests.helpers.codecs import CODEC_OPTS
 
 DIGEST = bytes(range(32))
 SETUP = ["none", "none", 1024, True, True]

@@ -4,7 +4,7 @@ from dataclasses import replace
 
 from legion_swarm.dht.node import Found, merge_records
 from legion_swarm.dht.records import parse_record
-from tests.test_records import make_record
+from tests.helpers.records import make_record
 
 
 def found(owner: str, expires_at: float, **changes: object) -> Found:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.usefixtures("real_processes"), pytest.mark.timeout(240)]
 
 
 def run(*args: str, timeout: float) -> subprocess.CompletedProcess:

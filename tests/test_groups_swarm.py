@@ -14,10 +14,10 @@ from legion_swarm.dht.records import PeerRecord
 from legion_swarm.sim import LocalSwarm, NetSimSpec
 from legion_swarm.train.metrics import swarm_spread
 from legion_swarm.train.state_sync import fetch_meta
-from tests.conftest import eventually, observer
-from tests.test_train_swarm import FAST
+from tests.helpers.polling import eventually
+from tests.helpers.swarm import FAST, observer
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.usefixtures("real_processes"), pytest.mark.timeout(420)]
 
 
 async def test_nine_peers_in_three_regions_form_the_planted_groups_and_stay_on_one_model() -> None:

@@ -20,8 +20,8 @@ from legion_swarm.groups.layout import Layout
 from legion_swarm.train.modes import DiLoCoMode, SyncMode, trainable
 from legion_swarm.train.reference import reference_diloco, reference_sync
 from legion_swarm.transport.dataplane import DataPlane
-from tests.test_collectives import planes
-from tests.test_train_modes import TinyLM, batches, flat, make_modes
+from tests.helpers.collectives import planes
+from tests.helpers.training import TinyLM, batches, flat, make_modes
 
 pytestmark = pytest.mark.timeout(120)
 

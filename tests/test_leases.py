@@ -24,7 +24,7 @@ from legion_swarm.train.leases import (
     choose_shards,
     rendezvous_score,
 )
-from tests.conftest import eventually
+from tests.helpers.polling import eventually
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -122,7 +122,7 @@ def lease_config(num_shards: int, **overrides: object) -> LeaseConfig:
 
 
 @pytest.fixture
-async def peers(request: pytest.FixtureRequest):
+async def peers(request: pytest.FixtureRequest, real_processes: None):
     """A bootstrap and peers (4 in all, or as many as ``indirect`` parametrization says), all in this process."""
     count = getattr(request, "param", 4)
     swarm = request.node.originalname.removeprefix("test_")[:40].replace("_", "-")

@@ -17,9 +17,9 @@ from legion_swarm.peer import SwarmPeer
 from legion_swarm.train import state_sync
 from legion_swarm.train.optim import ShardedAdamW, StateSlice
 from legion_swarm.train.state_sync import StateServer, StateSource, download_state, fetch_optimizer_state
-from tests.test_peer import config
+from tests.helpers.swarm import config
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.usefixtures("real_processes"), pytest.mark.timeout(90)]
 
 
 @contextlib.asynccontextmanager

@@ -28,7 +28,7 @@ from legion_swarm.transport.host import Host
 from legion_swarm.transport.identity import Identity
 from legion_swarm.transport.netsim import WINDOW_BYTES, DelayedTransport, NetSim, Pipe, Shaper
 from legion_swarm.transport.secure import secure_accept, secure_connect
-from tests.conftest import run_cli
+from tests.helpers.processes import run_cli
 
 HOST = "127.0.0.1"
 RTT_S = 0.08
@@ -298,6 +298,7 @@ async def test_abort_drops_the_queue_and_leaves_no_timer_or_task() -> None:
 # ------------------------------------------------------------------------------------------ real hosts
 
 
+@pytest.mark.usefixtures("real_processes")
 @pytest.mark.timeout(60)
 async def test_hosts_delay_streams_and_data_channels(tmp_path) -> None:
     """Two p2pd hosts in two regions: a request/response over a libp2p stream, and round trips over the data
@@ -404,7 +405,7 @@ async def test_secure_channel_on_uvloop_with_netsim() -> None:
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
-@pytest.mark.integration
+@pytest.mark.usefixtures("real_processes")
 @pytest.mark.timeout(120)
 async def test_local_swarm_runs_its_processes_under_a_netsim() -> None:
     spec = NetSimSpec(regions=2, rtt_across_ms=80, rtt_inside_ms=4)
@@ -419,6 +420,7 @@ async def test_local_swarm_runs_its_processes_under_a_netsim() -> None:
     assert not Path(netsim_file).parent.exists()  # keys and JSON are gone with the swarm
 
 
+@pytest.mark.usefixtures("real_processes")
 @pytest.mark.timeout(60)
 async def test_cli_refuses_a_bad_netsim_file(tmp_path) -> None:
     result = await run_cli("join", "--netsim", "/nonexistent", "--peer", PEER, timeout=30)

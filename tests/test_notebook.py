@@ -19,7 +19,7 @@ from ipykernel import kernelspec
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "01_quickstart.ipynb"
 KERNEL = "legion-swarm-test"
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(360)]
+pytestmark = [pytest.mark.usefixtures("real_processes"), pytest.mark.timeout(360)]
 
 # Appended to the parameters cell, so a parameter added to the notebook later keeps its default. LR keeps the
 # notebook's 1e-3: higher rates spike the loss of this tiny model in its first steps, and the test compares losses.

@@ -25,7 +25,7 @@ from legion_swarm.errors import ChannelClosedError, PeerUnreachableError, Protoc
 from legion_swarm.transport.host import Host
 from legion_swarm.transport.identity import Identity
 from legion_swarm.transport.p2p_stream import HEADER, MAX_MESSAGE_BYTES, StreamChannel, open_stream_channel
-from tests.conftest import eventually
+from tests.helpers.polling import eventually
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.asyncio(loop_scope="module")]
 
@@ -53,7 +53,7 @@ class Hosts:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def hosts() -> AsyncIterator[Hosts]:
+async def hosts(real_processes: None) -> AsyncIterator[Hosts]:
     a = await Host.create(HostConfig(host="127.0.0.1"))
     b = None
     try:
@@ -354,6 +354,7 @@ async def uvloop_scenario() -> None:
         await asyncio.gather(a.aclose(), b.aclose())
 
 
+@pytest.mark.usefixtures("real_processes")
 async def test_on_uvloop() -> None:
     # On a thread of its own: pytest-asyncio picks one loop type per session, and a child process would spend
     # seconds importing hivemind (and torch) again. The daemons die with that thread, after the hosts close.

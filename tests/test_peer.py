@@ -10,38 +10,14 @@ import msgpack
 import pytest
 from hivemind.dht.routing import DHTID
 
-from legion_swarm.config import DHTConfig, HostConfig, MembershipConfig, PeerConfig
 from legion_swarm.dht.node import dht_time
 from legion_swarm.dht.records import peers_key
 from legion_swarm.errors import AddressInUseError, PeerUnreachableError, SwarmMismatchError
 from legion_swarm.peer import SwarmPeer
-from tests.conftest import eventually, observer
+from tests.helpers.polling import eventually
+from tests.helpers.swarm import HEARTBEAT, config, members, observer, until_members
 
-pytestmark = pytest.mark.timeout(90)
-HEARTBEAT = 0.5
-
-
-def config(*entry: str, swarm: str | None = "t", role: str = "peer", **host: object) -> PeerConfig:
-    return PeerConfig(
-        host=HostConfig(host="127.0.0.1", initial_peers=entry, **host),
-        dht=DHTConfig(wait_timeout_s=2),
-        membership=MembershipConfig(swarm=swarm, role=role, heartbeat_s=HEARTBEAT),
-        join_timeout_s=10,
-    )
-
-
-async def members(peer: SwarmPeer) -> set[str]:
-    return {m.record.peer_id for m in (await peer.view()).members}
-
-
-async def until_members(reader: SwarmPeer, *expected: SwarmPeer) -> set[str]:
-    want = {p.peer_id for p in expected}
-
-    async def complete() -> bool:
-        return await members(reader) == want
-
-    await eventually(complete, timeout=10)
-    return want
+pytestmark = [pytest.mark.usefixtures("real_processes"), pytest.mark.timeout(90)]
 
 
 @pytest.fixture
@@ -172,7 +148,7 @@ async def test_identity_file_gives_the_same_peer_id(tmp_path) -> None:
 
 
 async def test_create_cancelled_while_the_daemon_starts_leaves_nothing() -> None:
-    from tests.conftest import p2pd_pids
+    from tests.helpers.processes import p2pd_pids
 
     before = p2pd_pids()
     task = asyncio.create_task(SwarmPeer.create(config(role="bootstrap")))

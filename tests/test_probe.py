@@ -25,7 +25,8 @@ from legion_swarm.peer import Member, SwarmPeer, SwarmView
 from legion_swarm.transport.framing import read_message, write_message
 from legion_swarm.transport.host import Host
 from legion_swarm.transport.identity import Identity, short_peer_id
-from tests.conftest import eventually, observer
+from tests.helpers.polling import eventually
+from tests.helpers.swarm import observer
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +257,7 @@ def peer_config(*entry: str, role: str = "peer", sample: int = 2) -> PeerConfig:
 
 
 @pytest.fixture
-async def swarm():
+async def swarm(real_processes: None):
     """A bootstrap and three peers probing each other every 0.5 s, two peers per round."""
     boot = await SwarmPeer.create(peer_config(role="bootstrap"))
     peers = [boot]
@@ -305,6 +306,7 @@ async def test_a_swarm_measures_publishes_and_reads_rtts(swarm: list[SwarmPeer])
     await eventually(kept_probing, timeout=20)
 
 
+@pytest.mark.usefixtures("real_processes")
 @pytest.mark.timeout(60)
 async def test_ping_to_a_peer_without_the_protocol_fails_cleanly() -> None:
     boot = await SwarmPeer.create(peer_config(role="bootstrap"))
@@ -318,6 +320,7 @@ async def test_ping_to_a_peer_without_the_protocol_fails_cleanly() -> None:
         await boot.aclose()
 
 
+@pytest.mark.usefixtures("real_processes")
 @pytest.mark.timeout(60)
 async def test_garbage_is_rejected_on_both_sides(caplog: pytest.LogCaptureFixture) -> None:
     server = await Host.create(HostConfig(host="127.0.0.1"))

@@ -11,10 +11,10 @@ from hivemind.proto import p2pd_pb2
 
 from legion_swarm.peer import SwarmPeer
 from legion_swarm.transport.identity import short_peer_id
-from tests.conftest import eventually
-from tests.test_peer import config, until_members
+from tests.helpers.polling import eventually
+from tests.helpers.swarm import config, until_members
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.usefixtures("real_processes"), pytest.mark.timeout(90)]
 
 
 async def cut_off(peer: SwarmPeer, *bystanders: SwarmPeer) -> None:

@@ -2,23 +2,9 @@ import math
 
 import pytest
 
-from legion_swarm.dht.records import ConfigRecord, Hardware, Lease, LeaseRecord, PeerRecord, parse_record
+from legion_swarm.dht.records import ConfigRecord, Hardware, Lease, LeaseRecord, parse_record
 from legion_swarm.errors import RecordError
-
-
-def make_record(**changes: object) -> dict:
-    record = PeerRecord(
-        swarm="s",
-        peer_id="QmPeer",
-        addrs=("/ip4/127.0.0.1/tcp/1/p2p/QmPeer",),
-        role="peer",
-        version="0.1.0",
-        hardware=Hardware(cpus=2, ram_gb=3.5, gpu=None),
-        started_at=1.0,
-        sent_at=2.0,
-    ).to_wire()
-    record.update(changes)
-    return record
+from tests.helpers.records import make_record
 
 
 def test_round_trip() -> None:

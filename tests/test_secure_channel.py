@@ -33,7 +33,7 @@ from legion_swarm.transport.record_layer import (
     transcript_hash,
 )
 from legion_swarm.transport.secure import RECORD_BUFFERS, RecordBuffers, SecureChannel, secure_accept, secure_connect
-from tests.conftest import eventually
+from tests.helpers.polling import eventually
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -13,7 +13,7 @@ from legion_swarm.errors import SwarmConfigError
 from legion_swarm.sim import start_process, stop_process
 from legion_swarm.train.swarm_config import SignedSpec, SwarmSpec, check_overrides
 from legion_swarm.transport.identity import Identity
-from tests.conftest import run_cli
+from tests.helpers.processes import run_cli
 
 
 def test_canonical_bytes_and_digest_do_not_depend_on_how_the_config_was_written() -> None:
@@ -67,7 +67,7 @@ def test_local_overrides_must_equal_the_swarms_values() -> None:
         check_overrides(spec, {"train": {"mode": "sync"}})
 
 
-@pytest.mark.integration
+@pytest.mark.usefixtures("real_processes")
 @pytest.mark.timeout(90)
 async def test_join_with_a_conflicting_flag_exits_with_a_clear_error() -> None:
     boot = await start_process(
@@ -82,12 +82,13 @@ async def test_join_with_a_conflicting_flag_exits_with_a_clear_error() -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.usefixtures("real_processes")
 @pytest.mark.timeout(90)
 async def test_a_joiner_takes_the_config_its_entry_peer_names_not_the_most_common_copy() -> None:
     from legion_swarm.cli.train import fetch_swarm_spec
     from legion_swarm.peer import SwarmPeer
     from legion_swarm.train.swarm_config import publish_spec
-    from tests.test_peer import config
+    from tests.helpers.swarm import config
 
     real = SignedSpec.sign(SwarmSpec(train=TrainConfig(mode="sync")), Identity.generate())
     peers: list[SwarmPeer] = []

@@ -110,7 +110,7 @@ def test_sources_are_told_apart() -> None:
 
 
 @pytest.fixture(scope="module")
-def corpus_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def corpus_cache(tmp_path_factory: pytest.TempPathFactory, real_processes: None) -> Iterator[Path]:
     """A private XDG cache directory, so the tests build (and corrupt) their own corpus cache."""
     root = tmp_path_factory.mktemp("xdg")
     with pytest.MonkeyPatch.context() as mp:

@@ -171,6 +171,7 @@ def test_init_is_deterministic_and_ignores_the_global_rng() -> None:
     assert all(torch.isfinite(p).all() for p in a.parameters())
 
 
+@pytest.mark.usefixtures("real_processes")
 def test_init_is_bit_identical_in_another_process() -> None:
     code = (
         "import hashlib, torch; torch.manual_seed(99)\n"

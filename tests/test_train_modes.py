@@ -10,53 +10,14 @@ import os
 import pytest
 import torch
 
-from legion_swarm.collectives import Collectives, FaultPlan, InjectedCrash
-from legion_swarm.config import CollectiveConfig, TrainConfig
+from legion_swarm.collectives import FaultPlan, InjectedCrash
+from legion_swarm.config import TrainConfig
 from legion_swarm.groups import GroupInfo, GroupMember
 from legion_swarm.train.modes import DiLoCoMode, SyncMode, trainable
 from legion_swarm.train.reference import reference_diloco, reference_sync
 from legion_swarm.transport.dataplane import DataPlane
-from tests.test_collectives import FAST, planes
-
-VOCAB, SEQ, BATCH = 32, 16, 4
-
-
-class TinyLM(torch.nn.Module):
-    """Any module with the ``forward(idx, targets) -> (logits, loss)`` contract trains in a swarm."""
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        self.embed = torch.nn.Parameter(torch.randn(VOCAB, 24, generator=gen) * 0.1)
-        self.hidden = torch.nn.Linear(24, 24)
-        self.out = torch.nn.Linear(24, VOCAB)
-        with torch.no_grad():
-            for p in (*self.hidden.parameters(), *self.out.parameters()):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-
-    def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = self.out(torch.tanh(self.hidden(self.embed[idx])))
-        loss = None if targets is None else torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        return logits, loss
-
-
-def batches(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        # A learnable sequence: each token is the previous plus one, from a random start.
-        start = torch.randint(0, VOCAB, (BATCH, 1), generator=gen)
-        seq = (start + torch.arange(SEQ + 1)) % VOCAB
-        out.append((seq[:, :-1], seq[:, 1:]))
-    return out
-
-
-def make_modes(cls: type, models: list[TinyLM], ps: list[DataPlane], codec: str, config: TrainConfig) -> list:
-    return [
-        cls(m, Collectives(p, CollectiveConfig(codec=codec, **FAST)), config) for m, p in zip(models, ps, strict=True)
-    ]
+from tests.helpers.collectives import planes
+from tests.helpers.training import TinyLM, batches, flat, make_modes
 
 
 def group_of(ps: list[DataPlane]) -> GroupInfo:
@@ -175,10 +136,6 @@ async def test_a_lost_shard_keeps_its_value_and_its_optimizer_state() -> None:
     assert torch.equal(after, flat(models[1]))
     assert modes[0].optimizer.segments == [(*plan.bounds[0], 1)]  # the survivors' owners stepped
     assert modes[2].optimizer.segments == [(lo, hi, 0)]  # the dead owner's state was never advanced
-
-
-def flat(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in trainable(model)])
 
 
 def test_models_start_identical() -> None:

@@ -11,12 +11,11 @@ import pytest
 from legion_swarm.dht.records import LeaseRecord, leases_key
 from legion_swarm.sim import LocalSwarm, PeerProcess
 from legion_swarm.train.state_sync import fetch_meta
-from tests.conftest import eventually, observer, run_cli
+from tests.helpers.polling import eventually
+from tests.helpers.processes import run_cli
+from tests.helpers.swarm import FAST, observer
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
-
-# Small and fast on 2 cores: TinyGPT-tiny on the synthetic language, short rounds.
-FAST = ("--model", "tiny", "--data", "dummy", "--batch-size", "4")  # lr 1e-3: 3e-3 spikes the first losses
+pytestmark = [pytest.mark.usefixtures("real_processes"), pytest.mark.timeout(300)]
 
 
 async def test_simulate_trains_and_the_loss_falls() -> None:

@@ -9,7 +9,7 @@ from hivemind.dht.validation import DHTRecord
 from legion_swarm.dht.validator import ENVELOPE_VERSION, SignedSubkeyValidator, open_envelope
 from legion_swarm.errors import RecordError
 from legion_swarm.transport.identity import Identity
-from tests.test_records import make_record
+from tests.helpers.records import make_record
 
 KEY = b"\x01" * 20  # validators see hashed keys
 

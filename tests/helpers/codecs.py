@@ -1,0 +1,12 @@
+"""The options each codec is tested with: small blocks and a top-k fraction that exercise their edge cases."""
+
+from __future__ import annotations
+
+CODEC_OPTS = {
+    "none": {},
+    "fp16": {},
+    "bf16": {},
+    "int8": {"block": 256},
+    "int4": {"block": 128},
+    "topk": {"fraction": 0.05},
+}
