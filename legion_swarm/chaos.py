@@ -30,23 +30,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
-import shutil
-import signal
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from legion_swarm.config import DHTConfig, HostConfig, MembershipConfig, PeerConfig
+from legion_swarm.config import DHTConfig, PeerConfig
 from legion_swarm.dht.records import PeerRecord
-from legion_swarm.errors import NetworkError
 from legion_swarm.peer import SwarmPeer
-from legion_swarm.sim import LocalSwarm, PeerProcess, pid_alive, threads_per_peer
+from legion_swarm.sim import Churn, LocalSwarm, PeerProcess, pid_alive, threads_per_peer
 from legion_swarm.train.metrics import swarm_spread
-from legion_swarm.transport.identity import Identity
 
 logger = logging.getLogger(__name__)
 
@@ -164,82 +158,60 @@ class _Watcher:
 async def run_chaos(config: ChaosConfig) -> ChaosReport:
     """Run a churn experiment on this machine; every process is reaped before it returns."""
     report = ChaosReport()
-    rng = random.Random(config.seed)
-    keys = tempfile.mkdtemp(prefix="legion-chaos-")
     started = time.perf_counter()
     swarm = await LocalSwarm.create(
-        0, swarm=f"chaos{config.seed}", heartbeat_s=config.heartbeat_s, bootstrap_args=config.bootstrap_args,
-        peer_args=(*threads_per_peer(config.peers), *config.peer_args),
+        config.peers, swarm=f"chaos{config.seed}", heartbeat_s=config.heartbeat_s,
+        bootstrap_args=config.bootstrap_args, peer_args=(*threads_per_peer(config.peers), *config.peer_args),
+        identities=True,
     )  # fmt: skip
     observer: SwarmPeer | None = None
-    killed: set[int] = set()
+    churn: Churn | None = None
     try:
-        identities = []
-        for i in range(config.peers):
-            path = os.path.join(keys, f"peer{i}.key")
-            Identity.generate().save(path)
-            identities.append(path)
-        current: dict[str, PeerProcess] = {}
-        for path, proc in zip(
-            identities, await asyncio.gather(*(swarm.add_peer(identity=p) for p in identities)), strict=True
-        ):
-            current[path] = proc
+        keys = [LocalSwarm.identity_of(p) for p in swarm.peers]
         assert swarm.bootstrap is not None
-        observer = await SwarmPeer.create(_observer_config(swarm.bootstrap.maddr, swarm.swarm))
+        observer = await SwarmPeer.create(
+            PeerConfig.observer(swarm.bootstrap.maddr, swarm.swarm, dht=DHTConfig(wait_timeout_s=2))
+        )
         watcher = _Watcher(observer)
         await _watch_until(watcher, lambda: sum(i.committed for i in watcher.incarnations.values()) >= config.peers,
                            timeout=120, poll_s=config.poll_s)  # fmt: skip
-        schedule_end = time.perf_counter() + config.duration_s
-        restarting: set[asyncio.Task[None]] = set()
-        peer_ids = {path: Identity.load(path).peer_id for path in identities}
-        startups: dict[float, float] = {}  # spawn time -> seconds until the process listened
 
-        async def restart(path: str, after_s: float) -> None:
-            await asyncio.sleep(after_s)
-            spawned = watcher.restarts[peer_ids[path]] = time.time()  # rejoin time counts the process's start-up
-            try:
-                current[path] = await swarm.add_peer(identity=path, entry=swarm.entries(rng))
-            except NetworkError as e:  # counted: restarts < kills
-                logger.error("chaos: could not restart %s: %s", peer_ids[path][-8:], e)
-                return
-            startups[spawned] = time.time() - spawned
-            report.startup_s.append(round(startups[spawned], 2))
-            report.restarts += 1
-            logger.info("chaos: restarted %s as %s", peer_ids[path][-8:], current[path].name)
+        async def ready() -> list[PeerProcess]:
+            # Victims are peers that are contributing: a restarted one that has not committed yet is spared.
+            # In key order, so that a seed picks the same victims whatever order the processes started in.
+            alive = [p for p in swarm.peers if p.running and watcher.contributing(p.peer_id)]
+            return sorted(alive, key=lambda p: keys.index(LocalSwarm.identity_of(p)))
 
-        next_kill = time.perf_counter() + config.kill_every_s * rng.uniform(0.75, 1.25)
-        while time.perf_counter() < schedule_end:
-            await watcher.poll()
-            if time.perf_counter() >= next_kill:
-                # Victims are peers that are contributing: a restarted one that has not committed yet is spared.
-                ready = [p for p in identities if p in current and watcher.contributing(peer_ids[p])]
-                if ready:
-                    victim = rng.choice(ready)
-                    proc = current.pop(victim)
-                    logger.info("chaos: SIGKILL %s (%s)", proc.name, peer_ids[victim][-8:])
-                    killed.add(proc.pid)
-                    await swarm.kill(proc, signal.SIGKILL)
-                    report.kills += 1
-                    task = asyncio.create_task(restart(victim, config.restart_after_s))
-                    restarting.add(task)
-                    task.add_done_callback(restarting.discard)
-                next_kill = time.perf_counter() + config.kill_every_s * rng.uniform(0.75, 1.25)
-            await asyncio.sleep(config.poll_s)
-        while restarting:
+        def on_spawn(victim: PeerProcess, spawned_at: float) -> None:
+            watcher.restarts[victim.peer_id] = spawned_at  # rejoin time counts the process's start-up
+
+        churn = Churn(
+            swarm, every_s=config.kill_every_s, restart_after_s=config.restart_after_s, rng=random.Random(config.seed),
+            ready=ready, on_spawn=on_spawn,
+        )  # fmt: skip
+        killing = asyncio.create_task(churn.run(until=time.perf_counter() + config.duration_s))
+        while not killing.done() or churn.pending:
             await watcher.poll()
             await asyncio.sleep(config.poll_s)
+        await killing
         # Let the last restarted peers come back before judging.
         await _watch_until(watcher, lambda: _all_rejoined(watcher), timeout=60, poll_s=config.poll_s)
-        _fill(report, watcher, startups)
+        report.kills = len(churn.killed)
+        started_ok = [r for r in churn.restarts if r.peer is not None and r.startup_s is not None]
+        report.restarts = len(started_ok)
+        report.startup_s = [round(r.startup_s, 2) for r in started_ok if r.startup_s is not None]
+        _fill(report, watcher, {r.spawned_at: r.startup_s for r in started_ok if r.startup_s is not None})
+        killed = {p.pid for p in churn.killed}
         for p in swarm.processes():
             if not p.running and p.pid not in killed:
                 report.crashed.append(p.name)
                 logger.error("chaos: %s exited on its own (code %s):\n%s", p.name, p.proc.returncode, p.tail(40))
     finally:
+        if churn is not None:
+            await churn.aclose()
         if observer is not None:
             await observer.aclose()
         await swarm.aclose()
-        shutil.rmtree(keys, ignore_errors=True)
     report.orphans = sum(pid_alive(pid) for pid in swarm.daemon_pids())
     report.seconds = time.perf_counter() - started
     return report
@@ -284,11 +256,3 @@ def _fill(report: ChaosReport, watcher: _Watcher, startups: dict[float, float]) 
         report.rounds = rounds[-1]
         report.first_loss = statistics.fmean(watcher.losses[rounds[0]])
         report.last_loss = statistics.fmean(watcher.losses[rounds[-1]])
-
-
-def _observer_config(maddr: str, swarm: str) -> PeerConfig:
-    return PeerConfig(
-        host=HostConfig(host="127.0.0.1", initial_peers=(maddr,)),
-        dht=DHTConfig(wait_timeout_s=2),
-        membership=MembershipConfig(swarm=swarm, role="observer"),
-    )

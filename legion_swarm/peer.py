@@ -116,10 +116,14 @@ class SwarmPeer:
         """Seconds spent in each phase of :meth:`create`: daemon, dht (with the handshake), publish, total."""
         self.entry_hellos: list[Hello] = []
         """What the entry peers answered to our hello (empty for the first node of a swarm)."""
-        self.hello_fields: dict[str, object] = {}
-        """Extra fields of our own hello answers, e.g. ``config``: the digest of the swarm's training config."""
+        self._hello_fields: dict[str, object] = {}  # extra fields of our hello answers (set_hello_field)
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+
+    def set_hello_field(self, name: str, value: object) -> None:
+        """Answer every later hello with ``name: value`` too, e.g. ``config``: the digest of the swarm's training
+        config, which joiners through us then trust."""
+        self._hello_fields[name] = value
 
     @property
     def peer_id(self) -> str:
@@ -231,7 +235,7 @@ class SwarmPeer:
         assert self.dht is not None
         role = self.config.membership.role
         if role != "observer":
-            await serve_hello(self.host, self.swarm, role, extra=lambda: self.hello_fields)
+            await serve_hello(self.host, self.swarm, role, extra=lambda: self._hello_fields)
             await serve_ping(self.host, timeout_s=self.config.probe.timeout_s)
         self.maddrs = await self.host.maddrs()
         t1 = time.perf_counter()

@@ -7,6 +7,9 @@ them and their ``p2pd`` daemons (SIGTERM, then SIGKILL after a grace period), wh
 With a :class:`NetSimSpec`, the swarm runs under injected latency and bandwidth
 (:mod:`legion_swarm.transport.netsim`): peer ids must be known before the processes start, so the swarm makes
 their key files and the NetSim JSON in a temporary directory, which :meth:`LocalSwarm.aclose` removes.
+
+:class:`Churn` is the one churn driver (``simulate --dropout`` and :mod:`legion_swarm.chaos`): it kills a random
+peer with SIGKILL every S s ± 25 % and restarts it a few seconds later with its key file, as the same peer.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from legion_swarm.errors import NetworkError
@@ -371,3 +375,106 @@ class LocalSwarm:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Restart:
+    """One restart :class:`Churn` attempted."""
+
+    victim: PeerProcess
+    """The killed process."""
+    spawned_at: float
+    """Wall-clock time (``time.time()``) the new process was started."""
+    peer: PeerProcess | None
+    """The new process, the same peer id as the victim; None if it could not start."""
+    startup_s: float | None
+    """Seconds from spawning until the new process listened."""
+
+
+class Churn:
+    """Kill a random peer with SIGKILL every ``every_s`` s (± 25 %, drawn from ``rng``) and restart it
+    ``restart_after_s`` s later with its key file, as the same peer, through every live process in ``rng``'s
+    order. The swarm's peers need key files (``LocalSwarm.create(..., identities=True)``).
+
+    ``ready()`` names the peers that may be killed now (an empty list skips this turn); ``ending()`` true stops
+    the kills and the restarts not yet started; ``restart_args(victim)`` (called at the kill) gives the new
+    process's ``join`` flags (None: the swarm's); ``on_spawn(victim, spawned_at)`` runs just before a restart
+    starts. Restarts under way are :attr:`pending`; :meth:`aclose` cancels and awaits them."""
+
+    def __init__(
+        self, swarm: LocalSwarm, *, every_s: float, ready: Callable[[], Awaitable[list[PeerProcess]]],
+        rng: random.Random | None = None, restart_after_s: float = 5.0,
+        restart_args: Callable[[PeerProcess], tuple[str, ...] | None] = lambda victim: None,
+        ending: Callable[[], bool] = lambda: False, on_spawn: Callable[[PeerProcess, float], None] | None = None,
+    ) -> None:  # fmt: skip
+        if every_s <= 0 or restart_after_s < 0:
+            raise ValueError("churn needs every_s > 0 and restart_after_s >= 0")
+        self.swarm = swarm
+        self.every_s, self.restart_after_s = every_s, restart_after_s
+        self.rng = rng if rng is not None else random.Random()
+        self.ready, self.restart_args, self.ending, self.on_spawn = ready, restart_args, ending, on_spawn
+        self.killed: list[PeerProcess] = []
+        self.restarts: list[Restart] = []
+        self.pending: set[asyncio.Task[None]] = set()
+
+    def next_delay(self) -> float:
+        return self.every_s * self.rng.uniform(0.75, 1.25)
+
+    async def run(self, stop: asyncio.Event | None = None, *, until: float | None = None) -> None:
+        """Kill and restart until ``stop`` is set, ``until`` (a ``time.perf_counter()`` value) passes or
+        ``ending()`` is true. Restarts already scheduled go on: see :attr:`pending`."""
+        stop = stop if stop is not None else asyncio.Event()
+        while not stop.is_set():
+            delay = self.next_delay()
+            if until is not None and time.perf_counter() + delay >= until:
+                return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            if stop.is_set() or self.ending():
+                return
+            await self.kill_one()
+
+    async def kill_one(self) -> PeerProcess | None:
+        """Kill one of the ready peers, if any, and schedule its restart."""
+        ready = await self.ready()
+        if not ready:
+            return None
+        victim = self.rng.choice(ready)
+        logger.info("churn: SIGKILL %s", victim.name)
+        await self.swarm.kill(victim, signal.SIGKILL)
+        self.killed.append(victim)
+        task = asyncio.create_task(self._restart(victim, self.restart_args(victim)))
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+        return victim
+
+    async def _restart(self, victim: PeerProcess, args: tuple[str, ...] | None) -> None:
+        await asyncio.sleep(self.restart_after_s)
+        if self.ending():
+            logger.info("churn: not restarting %s: the run is ending", victim.name)
+            return
+        spawned_at = time.time()  # a rejoin time counts the process's start-up
+        if self.on_spawn is not None:
+            self.on_spawn(victim, spawned_at)
+        try:
+            identity = LocalSwarm.identity_of(victim)
+            peer = await self.swarm.add_peer(entry=self.swarm.entries(self.rng), identity=identity, args=args)
+        except NetworkError as e:  # counted: restarts < kills
+            logger.warning("churn: could not restart %s: %s", victim.name, e)
+            self.restarts.append(Restart(victim=victim, spawned_at=spawned_at, peer=None, startup_s=None))
+            return
+        startup_s = time.time() - spawned_at
+        self.restarts.append(Restart(victim=victim, spawned_at=spawned_at, peer=peer, startup_s=startup_s))
+        logger.info("churn: restarted %s as %s", victim.name, peer.name)
+
+    async def settle(self) -> None:
+        """Wait for the restarts under way."""
+        while self.pending:
+            await asyncio.wait(set(self.pending))
+
+    async def aclose(self) -> None:
+        """Cancel the restarts under way and wait until they have ended."""
+        tasks = list(self.pending)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -85,9 +85,8 @@ async def test_join_with_a_conflicting_flag_exits_with_a_clear_error() -> None:
 @pytest.mark.usefixtures("real_processes")
 @pytest.mark.timeout(90)
 async def test_a_joiner_takes_the_config_its_entry_peer_names_not_the_most_common_copy() -> None:
-    from legion_swarm.cli.train import fetch_swarm_spec
     from legion_swarm.peer import SwarmPeer
-    from legion_swarm.train.swarm_config import publish_spec
+    from legion_swarm.train.swarm_config import SwarmConfigKeeper, publish_spec
     from tests.helpers.swarm import config
 
     real = SignedSpec.sign(SwarmSpec(train=TrainConfig(mode="sync")), Identity.generate())
@@ -95,7 +94,7 @@ async def test_a_joiner_takes_the_config_its_entry_peer_names_not_the_most_commo
     try:
         boot = await SwarmPeer.create(config(role="bootstrap"))
         peers.append(boot)
-        boot.hello_fields["config"] = real.digest
+        boot.set_hello_field("config", real.digest)
         await publish_spec(boot.dht, boot.swarm, real, ttl_s=60)
         for _ in range(2):  # two members push another config, each under its own (valid) signature
             sybil = await SwarmPeer.create(config(boot.maddrs[0]))
@@ -105,7 +104,7 @@ async def test_a_joiner_takes_the_config_its_entry_peer_names_not_the_most_commo
         joiner = await SwarmPeer.create(config(boot.maddrs[0]))
         peers.append(joiner)
         assert [h.config for h in joiner.entry_hellos] == [real.digest]
-        got = await fetch_swarm_spec(joiner, timeout=10)
+        got = await SwarmConfigKeeper(joiner).fetch(timeout=10)
         assert got.digest == real.digest and got.spec.train.mode == "sync"
     finally:
         await asyncio.gather(*(p.aclose() for p in peers), return_exceptions=True)

@@ -7,12 +7,11 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from rich.console import Console
 from rich.live import Live
@@ -20,11 +19,10 @@ from rich.table import Table
 
 from legion_swarm.cli.render import status_report, status_table, view_to_json
 from legion_swarm.config import DHTConfig, HostConfig, MembershipConfig, PeerConfig, ProbeConfig
-from legion_swarm.errors import NetworkError
 from legion_swarm.peer import SwarmPeer, SwarmView
 
 if TYPE_CHECKING:
-    from legion_swarm.sim import LocalSwarm, PeerProcess
+    from legion_swarm.sim import Churn, LocalSwarm, PeerProcess
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,13 +80,24 @@ async def until_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
     try:
         await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        stopper.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    return None
+        await cancel_and_wait(stopper)
+        if not task.done():  # stopped, or cancelled ourselves: the work ends before we return
+            await cancel_and_wait(task)
+    return task.result() if not task.cancelled() else None
+
+
+async def cancel_and_wait(*tasks: asyncio.Future[Any]) -> None:
+    """Cancel ``tasks`` and wait until each has ended, so none outlives its owner (their errors are logged)."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        try:
+            await task
+        except asyncio.CancelledError:
+            if not task.cancelled():  # the caller itself is being cancelled
+                raise
+        except Exception as e:
+            logger.warning("a background task failed: %r", e)
 
 
 def print_addresses(command: str, peer: SwarmPeer) -> None:
@@ -112,18 +121,17 @@ async def serve(args: argparse.Namespace, role: str, command: str) -> int:
     peer = await until_stopped(SwarmPeer.create(config), stop)
     if peer is None:
         return 130
-    background: list[asyncio.Task[None]] = []
+    from legion_swarm.train.swarm_config import SignedSpec, SwarmConfigKeeper
+
+    keeper = SwarmConfigKeeper(peer, every_s=max(args.heartbeat, 5.0))
     try:
         print_addresses(command, peer)
         if spec is not None:
-            from legion_swarm.train.swarm_config import SignedSpec
-
             signed = SignedSpec.sign(await asyncio.to_thread(train.pin_data, spec), peer.host.identity)
-            peer.hello_fields["config"] = signed.digest
             logger.info("[%s] swarm config %s: %s", peer.tag, signed.digest.hex()[:12], spec.to_dict())
-            background.append(asyncio.create_task(train.publish_forever(peer, signed, max(args.heartbeat, 5.0))))
+            keeper.hold(signed)
         if role == "peer" and not args.no_train:
-            trained = await until_stopped(train.train(peer, args, stdout), stop)
+            trained = await until_stopped(train.train(peer, args, stdout, keeper), stop)
             return 0 if trained is not None else 130
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
@@ -136,8 +144,7 @@ async def serve(args: argparse.Namespace, role: str, command: str) -> int:
                 else:
                     logger.info("[%s] swarm %r: %d peers alive", peer.tag, peer.swarm, len(view.members))
     finally:
-        for task in background:
-            task.cancel()
+        await keeper.aclose()
         await peer.aclose()
     return 0
 
@@ -249,23 +256,22 @@ async def simulate(args: argparse.Namespace) -> int:
     killed: list[PeerProcess] = []
     try:
         assert swarm.bootstrap is not None
-        observer_args = argparse.Namespace(peer=[swarm.bootstrap.maddr], swarm=args.swarm, host="127.0.0.1")
-        observer = await SwarmPeer.create(peer_config(observer_args, role="observer"))
+        observer = await SwarmPeer.create(PeerConfig.observer(swarm.bootstrap.maddr, args.swarm))
         try:
             seen = await wait_for_members(observer, args.peers + 1, timeout=30, stop=stop)
             joined_s = time.perf_counter() - started
             view = await observer.view()
             if not args.no_train:
-                churn = _Churn(swarm, observer, args)
-                churning = asyncio.create_task(churn.run(stop)) if args.dropout is not None else None
+                churn = _churn(swarm, observer, args) if args.dropout is not None else None
+                churning = asyncio.create_task(churn.run(stop)) if churn is not None else None
                 try:
-                    view = await _follow_training(swarm, observer, view, stop, lambda: bool(churn.pending))
+                    view = await _follow_training(swarm, observer, view, stop, lambda: bool(churn and churn.pending))
                 finally:
-                    killed = churn.killed
-                    if churning is not None:
-                        churning.cancel()
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await churning
+                    if churn is not None and churning is not None:
+                        killed = churn.killed
+                        await cancel_and_wait(churning)
+                        await churn.aclose()
+                restarted = {r.peer.name for r in churn.restarts if r.peer is not None} if churn else set()
                 summaries = {p.name: p.trained() for p in swarm.peers}
                 for p in swarm.peers:
                     if summaries[p.name] is None:
@@ -273,13 +279,12 @@ async def simulate(args: argparse.Namespace) -> int:
                                        p.tail(25))  # fmt: skip
                 stdout.print(loss_table(summaries))
                 trained_ok = all(
-                    s is not None and (name in churn.restarted or s["loss"] < s["first_loss"])
+                    s is not None and (name in restarted or s["loss"] < s["first_loss"])
                     for name, s in summaries.items()
                 )
-                if churning is not None:
+                if churn is not None:
                     stdout.print(
-                        f"churn: {len(killed)} peers killed with SIGKILL, {len(churn.restarted)} restarted as the "
-                        "same peer"
+                        f"churn: {len(killed)} peers killed with SIGKILL, {len(restarted)} restarted as the same peer"
                     )
             stdout.print(status_table(view))
             stdout.print(f"{seen - 1}/{args.peers} peers joined in {joined_s:.1f} s")
@@ -303,53 +308,26 @@ async def simulate(args: argparse.Namespace) -> int:
     return 0 if seen - 1 >= args.peers and not left and set(codes) == {0} and trained_ok else 1
 
 
-class _Churn:
+def _churn(swarm: LocalSwarm, observer: SwarmPeer, args: argparse.Namespace) -> Churn:
     """``simulate --dropout``: every ~``--dropout`` s (±25 %) SIGKILL a random peer that has committed a round and
     restart it 5 s later with its key file, through another peer, to train the rounds it had left. Kills stop
     once a peer has finished its rounds; restarts under way complete."""
+    from legion_swarm.sim import Churn, threads_per_peer
 
-    def __init__(self, swarm: LocalSwarm, observer: SwarmPeer, args: argparse.Namespace) -> None:
-        self.swarm, self.observer, self.args = swarm, observer, args
-        self.rng = random.Random()
-        self.killed: list[PeerProcess] = []
-        self.restarted: set[str] = set()
-        """Names of the restarted processes (they start from the swarm's loss, not the initial one)."""
-        self.pending: set[asyncio.Task[None]] = set()
+    committed: dict[str, int] = {}  # rounds each peer had committed when the last victim was chosen
 
-    async def run(self, stop: asyncio.Event) -> None:
-        swarm = self.swarm
-        while not stop.is_set():
-            await asyncio.sleep(self.args.dropout * self.rng.uniform(0.75, 1.25))
-            if any(not p.running for p in swarm.peers):
-                return  # a peer has finished its rounds: the run is ending
-            committed = {m.record.peer_id: m.record.committed or 0 for m in (await self.observer.view()).members}
-            ready = [p for p in swarm.peers if p.running and committed.get(p.peer_id, 0) > 0]
-            if not ready:
-                continue
-            victim = self.rng.choice(ready)
-            logger.info("churn: SIGKILL %s", victim.name)
-            await swarm.kill(victim, signal.SIGKILL)
-            self.killed.append(victim)
-            task = asyncio.create_task(self._restart(victim, max(1, self.args.rounds - committed[victim.peer_id])))
-            self.pending.add(task)
-            task.add_done_callback(self.pending.discard)
+    async def ready() -> list[PeerProcess]:
+        committed.clear()
+        committed.update({m.record.peer_id: m.record.committed or 0 for m in (await observer.view()).members})
+        return [p for p in swarm.peers if p.running and committed.get(p.peer_id, 0) > 0]
 
-    async def _restart(self, victim: PeerProcess, rounds_left: int) -> None:
-        from legion_swarm.sim import LocalSwarm, threads_per_peer
+    def restart_args(victim: PeerProcess) -> tuple[str, ...]:
+        return ("--rounds", str(max(1, args.rounds - committed[victim.peer_id])), *threads_per_peer(args.peers))
 
-        await asyncio.sleep(5.0)
-        if any(not p.running for p in self.swarm.peers):
-            logger.info("churn: not restarting %s: the run is ending", victim.name)
-            return
-        args = ("--rounds", str(rounds_left), *threads_per_peer(self.args.peers))
-        identity = LocalSwarm.identity_of(victim)
-        try:
-            peer = await self.swarm.add_peer(entry=self.swarm.entries(self.rng), identity=identity, args=args)
-        except NetworkError as e:
-            logger.warning("churn: could not restart %s: %s", victim.name, e)
-            return
-        self.restarted.add(peer.name)
-        logger.info("churn: restarted %s as %s", victim.name, peer.name)
+    return Churn(
+        swarm, every_s=args.dropout, ready=ready, restart_args=restart_args,
+        ending=lambda: any(not p.running for p in swarm.peers),  # a peer has finished its rounds: the run ends
+    )  # fmt: skip
 
 
 async def _follow_training(

@@ -80,40 +80,6 @@ def spec_from_args(args: argparse.Namespace) -> Any:
     return SwarmSpec.from_dict(merged)
 
 
-async def publish_forever(peer: Any, signed: Any, every_s: float) -> None:
-    """Keep our copy of the signed swarm config in the DHT."""
-    from legion_swarm.train.swarm_config import publish_spec
-
-    while True:
-        try:
-            await publish_spec(peer.dht, peer.swarm, signed, ttl_s=3 * every_s)
-        except Exception as e:  # refreshed next time; the copy outlives two misses
-            logger.warning("[%s] could not store the swarm config: %r", peer.tag, e)
-        await asyncio.sleep(every_s)
-
-
-async def fetch_swarm_spec(peer: Any, timeout: float = 20.0) -> Any:
-    """The swarm's signed config: the one whose digest the entry peers named in their hello (any copy in the
-    DHT with that digest and a valid creator signature), or, if they named none, the copy most members serve."""
-    from legion_swarm.train.swarm_config import fetch_spec
-
-    named = {h.config for h in peer.entry_hellos if h.config is not None}
-    if len(named) > 1:
-        raise SwarmConfigError("the entry peers name different training configs for this swarm")
-    digest = named.pop() if named else None
-    deadline = time.monotonic() + timeout
-    while True:
-        signed = await fetch_spec(peer.dht, peer.swarm, digest)
-        if signed is not None:
-            return signed
-        if time.monotonic() > deadline:
-            raise SwarmConfigError(
-                f"swarm {peer.swarm!r} publishes no training config (start its bootstrap with --config or "
-                f"training flags), or it was not readable within {timeout:.0f} s"
-            )
-        await asyncio.sleep(0.5)
-
-
 def progress_view(trainer: Any) -> Any:
     """The live display: the progress table, with a bar while the swarm's state downloads."""
     table = progress_table(trainer)
@@ -152,8 +118,9 @@ def summary_json(trainer: Any, seconds: float) -> str:
     })  # fmt: skip
 
 
-async def train(peer: Any, args: argparse.Namespace, console: Console) -> Any:
-    """Fetch the swarm's config, check local flags against it, and train until ``--rounds`` or cancelled."""
+async def train(peer: Any, args: argparse.Namespace, console: Console, keeper: Any) -> Any:
+    """Fetch the swarm's config, check local flags against it, and train until ``--rounds`` or cancelled;
+    ``keeper`` (the peer's :class:`SwarmConfigKeeper`) serves the config from then on."""
     from legion_swarm.train.loop import LoopConfig, SwarmTrainer
     from legion_swarm.train.swarm_config import check_overrides
 
@@ -161,10 +128,9 @@ async def train(peer: Any, args: argparse.Namespace, console: Console) -> Any:
         import torch
 
         torch.set_num_threads(args.threads)
-    signed = await fetch_swarm_spec(peer)
+    signed = await keeper.fetch()
     check_overrides(signed.spec, overrides(args))
-    peer.hello_fields["config"] = signed.digest  # joiners through us trust this config
-    publisher = asyncio.create_task(publish_forever(peer, signed, every_s=max(args.heartbeat, 5.0)))
+    keeper.hold(signed)  # joiners through us trust this config
     trainer = await SwarmTrainer.create(peer, signed, LoopConfig(rounds=args.rounds, nice=args.nice))
     if args.resume:
         from legion_swarm.train.checkpoint import load_checkpoint
@@ -180,15 +146,15 @@ async def train(peer: Any, args: argparse.Namespace, console: Console) -> Any:
         print(summary_json(trainer, time.perf_counter() - trainer.started_at), flush=True)
         return trainer.progress
     finally:
-        publisher.cancel()
         await trainer.aclose()
 
 
 async def export(peer: Any, out: str, console: Console) -> dict[str, Any]:
     """``checkpoint export``: assemble the swarm's current model through ``peer`` (an observer) into ``out``."""
     from legion_swarm.train.checkpoint import export_checkpoint, save_checkpoint, trainers_of
+    from legion_swarm.train.swarm_config import SwarmConfigKeeper
 
-    signed = await fetch_swarm_spec(peer)
+    signed = await SwarmConfigKeeper(peer).fetch()
     trainers = await trainers_of(peer)
     if not trainers:
         raise SwarmConfigError(f"swarm {peer.swarm!r} has no training member to export from")

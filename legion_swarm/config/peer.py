@@ -223,6 +223,19 @@ class PeerConfig:
     close_timeout_s: float = 4.0
     """Upper bound on ``aclose``: the departure notice and daemon shutdown (CLI promises exit in 5 s)."""
 
+    @classmethod
+    def observer(
+        cls, entries: str | tuple[str, ...], swarm: str | None, *, host: str = "127.0.0.1", dht: DHTConfig | None = None
+    ) -> PeerConfig:
+        """A DHT client that reads the swarm through ``entries`` without appearing in it (status, simulate,
+        chaos, tests)."""
+        initial = (entries,) if isinstance(entries, str) else entries
+        return cls(
+            host=HostConfig(host=host, client_mode=True, initial_peers=initial),
+            dht=dht if dht is not None else DHTConfig(),
+            membership=MembershipConfig(swarm=swarm, role="observer"),
+        )
+
     def __post_init__(self) -> None:
         _positive("join_timeout_s", self.join_timeout_s)
         _positive("close_timeout_s", self.close_timeout_s)

@@ -5,6 +5,8 @@ its identity key and stores it in the DHT under ``legion/<swarm>/config``. Every
 copy of the same signed bytes under its own subkey, so the config outlives the creator. A joiner learns the
 config hash from its entry peer's hello, reads the copies, keeps one whose creator signature verifies and
 whose hash matches, and refuses to train with a conflicting local setting (:class:`SwarmConfigError`).
+One object per peer owns all of that: :class:`SwarmConfigKeeper` fetches the config, names its digest in the
+peer's hello and republishes the peer's copy from a task it cancels and awaits on close.
 
 The config has four sections (TOML tables): ``[model]``, ``[data]``, ``[train]`` and ``[collective]``
 (chunking, data plane and per-phase deadlines of the rounds). A section left out takes its defaults. The
@@ -16,13 +18,16 @@ without the section refuse such a config (an unknown section) instead of running
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import logging
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
@@ -31,6 +36,9 @@ from legion_swarm.dht.node import SwarmDHT, dht_time
 from legion_swarm.dht.records import ConfigRecord, config_key
 from legion_swarm.errors import ConfigError, SwarmConfigError
 from legion_swarm.transport.identity import Identity, peer_id_of, verify
+
+if TYPE_CHECKING:
+    from legion_swarm.peer import SwarmPeer
 
 logger = logging.getLogger(__name__)
 
@@ -206,3 +214,76 @@ def check_overrides(spec: SwarmSpec, overrides: dict[str, dict[str, Any]]) -> No
                     f"{flag} {value} conflicts with the swarm's config ({section}.{key} = {have}); "
                     "drop the option to use the swarm's value"
                 )
+
+
+class SwarmConfigKeeper:
+    """The one owner of a peer's signed swarm config: it fetches the config (the one the entry peers named),
+    holds it, names its digest in the peer's hello answers and keeps the peer's copy in the DHT from a task of
+    its own, which :meth:`aclose` (or leaving ``async with``) cancels and awaits.
+
+    ::
+
+        async with SwarmConfigKeeper(peer) as keeper:
+            keeper.hold(await keeper.fetch())   # a joiner; a creator holds what it signed
+            ...                                  # train
+    """
+
+    def __init__(self, peer: SwarmPeer, *, every_s: float = 5.0) -> None:
+        self.peer = peer
+        self.every_s = every_s
+        """Seconds between republications; the copy lives three of them, so it outlives two missed ones."""
+        self.signed: SignedSpec | None = None
+        self._publisher: asyncio.Task[None] | None = None
+
+    async def fetch(self, timeout: float = 20.0) -> SignedSpec:
+        """The swarm's signed config: the one whose digest the entry peers named in their hello (any copy in
+        the DHT with that digest and a valid creator signature), or, if they named none, the copy most members
+        serve. :class:`SwarmConfigError` if the entry peers disagree or nothing is readable in ``timeout`` s."""
+        peer = self.peer
+        named = {h.config for h in peer.entry_hellos if h.config is not None}
+        if len(named) > 1:
+            raise SwarmConfigError("the entry peers name different training configs for this swarm")
+        digest = named.pop() if named else None
+        assert peer.dht is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            signed = await fetch_spec(peer.dht, peer.swarm, digest)
+            if signed is not None:
+                return signed
+            if time.monotonic() > deadline:
+                raise SwarmConfigError(
+                    f"swarm {peer.swarm!r} publishes no training config (start its bootstrap with --config or "
+                    f"training flags), or it was not readable within {timeout:.0f} s"
+                )
+            await asyncio.sleep(0.5)
+
+    def hold(self, signed: SignedSpec) -> None:
+        """Serve ``signed`` from now on: joiners through this peer are told its digest and find its copy."""
+        if self._publisher is not None:
+            raise RuntimeError("the keeper already holds a config")
+        self.signed = signed
+        self.peer.set_hello_field("config", signed.digest)
+        self._publisher = asyncio.create_task(self._publish_forever(signed))
+
+    async def _publish_forever(self, signed: SignedSpec) -> None:
+        assert self.peer.dht is not None
+        while True:
+            try:
+                await publish_spec(self.peer.dht, self.peer.swarm, signed, ttl_s=3 * self.every_s)
+            except Exception as e:  # refreshed next time; the copy outlives two misses
+                logger.warning("[%s] could not store the swarm config: %r", self.peer.tag, e)
+            await asyncio.sleep(self.every_s)
+
+    async def aclose(self) -> None:
+        """Stop republishing (the copy in the DHT expires on its own) and wait until the task has ended."""
+        task, self._publisher = self._publisher, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def __aenter__(self) -> SwarmConfigKeeper:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

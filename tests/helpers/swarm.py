@@ -44,11 +44,7 @@ async def until_members(reader: SwarmPeer, *expected: SwarmPeer) -> set[str]:
 @contextlib.asynccontextmanager
 async def observer(maddr: str, swarm: str | None = None) -> AsyncIterator[SwarmPeer]:
     """A client-mode observer joined through ``maddr``: reads the swarm without appearing in it."""
-    peer_config = PeerConfig(
-        host=HostConfig(host="127.0.0.1", client_mode=True, initial_peers=(maddr,)),
-        membership=MembershipConfig(swarm=swarm, role="observer"),
-    )
-    peer = await SwarmPeer.create(peer_config)
+    peer = await SwarmPeer.create(PeerConfig.observer(maddr, swarm))
     try:
         yield peer
     finally:
