@@ -10,10 +10,24 @@ import os
 import pytest
 import torch
 
-from legion_swarm.collectives import FaultPlan, InjectedCrash
-from legion_swarm.config import TrainConfig
+from legion_swarm.collectives import Collectives, FaultPlan, InjectedCrash, RoundResult, group_plan
+from legion_swarm.config import CollectiveConfig, TrainConfig
+from legion_swarm.config.train import MODES
+from legion_swarm.errors import ConfigError
 from legion_swarm.groups import GroupInfo, GroupMember
-from legion_swarm.train.modes import DiLoCoMode, SyncMode, trainable
+from legion_swarm.train.compute import Compute
+from legion_swarm.train.modes import (
+    MODE_CLASSES,
+    Batch,
+    DiLoCoMode,
+    RoundOutcome,
+    SyncMode,
+    TrainingMode,
+    create_mode,
+    forward_backward,
+    trainable,
+)
+from legion_swarm.train.phases import TRANSITIONS, Phase, run_phases
 from legion_swarm.train.reference import reference_diloco, reference_sync
 from legion_swarm.transport.dataplane import DataPlane
 from tests.helpers.collectives import planes
@@ -141,3 +155,128 @@ async def test_a_lost_shard_keeps_its_value_and_its_optimizer_state() -> None:
 def test_models_start_identical() -> None:
     a, b = TinyLM(), copy.deepcopy(TinyLM())
     assert all(torch.equal(x, y) for x, y in zip(trainable(a), trainable(b), strict=True))
+
+
+async def test_every_configured_mode_has_a_class_and_gets_its_compute_at_construction() -> None:
+    assert set(MODE_CLASSES) == set(MODES)
+    compute = Compute()
+    try:
+        async with planes(1) as ps:
+            collectives = Collectives(ps[0], CollectiveConfig())
+            for name, cls, steps in (("sync", SyncMode, 1), ("diloco", DiLoCoMode, 7)):
+                config = TrainConfig(mode=name, inner_steps=7)
+                mode = create_mode(name, TinyLM(), collectives, config, compute=compute)
+                assert type(mode) is cls and isinstance(mode, TrainingMode)
+                assert mode.compute is compute and mode.local_steps == steps  # type: ignore[attr-defined]
+            with pytest.raises(ConfigError, match="no training mode 'adam'"):
+                create_mode("adam", TinyLM(), collectives, TrainConfig(), compute=compute)
+    finally:
+        compute.close()
+
+
+class ToyMode:
+    """A third mode that only implements the protocol: local SGD, and a "round" of one member that keeps its own
+    parameters (no network). ``local_steps`` batches per round."""
+
+    join_idle_after_resync = False
+
+    def __init__(
+        self, model: torch.nn.Module, collectives: Collectives, config: TrainConfig, *, compute: Compute | None = None
+    ) -> None:
+        self.model, self.config, self.compute = model, config, compute
+        self.params = trainable(model)
+        self.numels = [p.numel() for p in self.params]
+        self.optimizer = None  # no sharded optimizer state to hand over
+        self.samples = 0
+
+    @property
+    def local_steps(self) -> int:
+        return 2
+
+    async def local_step(self, batch: Batch) -> float:
+        self.model.zero_grad(set_to_none=False)
+        loss = forward_backward(self.model, batch)
+        with torch.no_grad():
+            for p in self.params:
+                p.sub_(self.config.lr * p.grad)
+        self.samples += int(batch[0].shape[0])
+        return loss
+
+    def my_range(self, layout: object) -> tuple[int, int]:
+        return 0, sum(self.numels)
+
+    async def round(self, layout: GroupInfo, *, handed: object = (), faults: object = None) -> RoundOutcome:
+        plan = group_plan(layout, self.numels)
+        result = RoundResult(
+            rank=0, group=layout, plan=plan, committed=(0,), missing_shards=(), faulty=(), contributors={0: (0,)},
+            excluded={}, shard=None, planes={}, timings={}, bytes_sent=3, bytes_received=5,
+        )  # fmt: skip
+        samples, self.samples = self.samples, 0
+        return RoundOutcome(result=result, samples=samples, fresh_state=0)
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        return [p.data for p in self.params]
+
+    def load_state(self, flat: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+async def test_a_third_mode_is_one_class_and_one_registry_entry_and_drives_the_round_phases(monkeypatch) -> None:
+    class NotAMode:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+    monkeypatch.setitem(MODE_CLASSES, "toy", ToyMode)
+    monkeypatch.setitem(MODE_CLASSES, "broken", NotAMode)
+    config = TrainConfig(mode="sync", lr=0.1)
+    with pytest.raises(TypeError, match="does not fulfil the TrainingMode protocol"):
+        create_mode("broken", TinyLM(), None, config)  # type: ignore[arg-type]
+    mode = create_mode("toy", TinyLM(), None, config)  # type: ignore[arg-type]
+    assert isinstance(mode, ToyMode)
+
+    # The loop's phases, without a network: what each phase asks of the mode, in the loop's order.
+    group = GroupInfo(round_id=b"toy-0001", members=(GroupMember(peer_id="toy-peer"),))
+    data = iter(batches(6, seed=9))
+    losses: list[float] = []
+    outcomes: list[RoundOutcome] = []
+    seen: list[Phase] = []
+
+    async def local_work() -> Phase:
+        losses.extend([await mode.local_step(next(data)) for _ in range(mode.local_steps)])
+        return Phase.GROUP
+
+    async def sharded_step() -> Phase:
+        outcomes.append(await mode.round(group, handed=()))
+        return Phase.COMMIT if outcomes[-1].result.committed else Phase.FAILED
+
+    async def to(phase: Phase) -> Phase:
+        return phase
+
+    async def report() -> Phase:
+        return Phase.DONE if len(outcomes) == 3 else Phase.LOCAL_WORK
+
+    handlers = {
+        Phase.LOCAL_WORK: local_work,
+        Phase.GROUP: lambda: to(Phase.HAND_OVER),
+        Phase.HAND_OVER: lambda: to(Phase.SHARDED_STEP),
+        Phase.SHARDED_STEP: sharded_step,
+        Phase.COMMIT: lambda: to(Phase.REPORT),
+        Phase.REPORT: report,
+    }
+    await run_phases(handlers, Phase.LOCAL_WORK, on_enter=seen.append)
+    one_round = [Phase.LOCAL_WORK, Phase.GROUP, Phase.HAND_OVER, Phase.SHARDED_STEP, Phase.COMMIT, Phase.REPORT]
+    assert seen == one_round * 3 + [Phase.DONE]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert [(o.samples, o.bytes_sent, o.bytes_received) for o in outcomes] == [(8, 3, 5)] * 3
+
+
+async def test_the_phase_machine_refuses_a_transition_it_does_not_have() -> None:
+    assert all(nxt in TRANSITIONS for targets in TRANSITIONS.values() for nxt in targets)
+
+    async def skip_the_group() -> Phase:
+        return Phase.SHARDED_STEP
+
+    with pytest.raises(RuntimeError, match="'local work' cannot go to"):
+        await run_phases({Phase.LOCAL_WORK: skip_the_group}, Phase.LOCAL_WORK)
+    with pytest.raises(ValueError, match="cannot start at 'commit'"):
+        await run_phases({}, Phase.COMMIT)

@@ -1,19 +1,22 @@
 """The training loop of one swarm member: local work, a group per round, the sharded step, progress.
 
-Each round, a :class:`SwarmTrainer`:
+A :class:`SwarmTrainer` runs each round as the state machine of :mod:`legion_swarm.train.phases`, one handler
+per phase (``_phase_<name>``), on whatever :class:`~legion_swarm.train.modes.TrainingMode` the swarm's config
+names (the loop knows no mode by its class):
 
-1. does its local work on batches of its leased data shard: one backward pass (``sync``) or ``inner_steps``
-   AdamW steps (``diloco``);
-2. asks the round's leader for the group (:mod:`legion_swarm.groups.matchmaking`), telling it which state it
-   holds; if its state is not the leader's (new, returning, or declared faulty) it downloads the swarm's
-   state from donors first (:mod:`legion_swarm.train.state_sync`) and the local work is redone;
-3. takes over the optimizer state of its new shard from the previous owners if the partition moved;
-4. runs the sharded step and chains the state id: ``sha256(previous id, group digest, committed shards)``.
-   Survivors of a round hold bit-identical state, so equal ids mean equal parameters;
-5. publishes progress (round, step, loss, tokens/s, bytes sent and received) with its next heartbeat.
-
-A round that commits nothing counts as failed; ``max_failed_rounds`` failures in a row stop training with a
-:class:`TrainingError` rather than spin.
+1. ``LOCAL_WORK``: the mode's local steps on batches of its leased data shard (one backward pass in ``sync``,
+   ``inner_steps`` AdamW steps in ``diloco``); none right after a re-sync in a mode that joins idle;
+2. ``GROUP``: asks the round's leader for the group (:mod:`legion_swarm.groups.matchmaking`), telling it which
+   state it holds; if its state is not the leader's (new, returning, or declared faulty) it downloads the
+   swarm's state from donors (:mod:`legion_swarm.train.state_sync`) and goes back to ``LOCAL_WORK``;
+3. ``HAND_OVER``: takes over the optimizer state of its new shard from the previous owners if the partition
+   moved;
+4. ``SHARDED_STEP``: the mode's round, then ``COMMIT``, or ``FAILED`` if the round committed nothing;
+5. ``COMMIT`` / ``FAILED``: chains the state id: ``sha256(previous id, group digest, committed shards)``.
+   Survivors of a round hold bit-identical state, so equal ids mean equal parameters. ``max_failed_rounds``
+   failed rounds in a row stop training with a :class:`TrainingError` rather than spin;
+6. ``REPORT``: publishes progress (round, step, loss, tokens/s, bytes sent and received) with its next
+   heartbeat; then the next round's ``LOCAL_WORK``, or ``DONE`` after ``rounds`` committed rounds.
 """
 
 from __future__ import annotations
@@ -45,8 +48,9 @@ from legion_swarm.train.data import ShardReader, TokenData, evaluate, load_token
 from legion_swarm.train.leases import LeaseConfig, ShardLeases
 from legion_swarm.train.metrics import sample_positions, take_sample
 from legion_swarm.train.model import build_model
-from legion_swarm.train.modes import Batch, DiLoCoMode, SyncMode, trainable
+from legion_swarm.train.modes import Batch, RoundOutcome, TrainingMode, create_mode, trainable
 from legion_swarm.train.optim import StateSlice
+from legion_swarm.train.phases import Phase, PhaseHandler, run_phases
 from legion_swarm.train.state_sync import StateServer, StateSource, download_state, fetch_optimizer_state
 from legion_swarm.train.swarm_config import SignedSpec
 
@@ -117,9 +121,10 @@ class SwarmTrainer(StateSource):
         self.numel = sum(p.numel() for p in self.params)
         self._sample_at = sample_positions([p.numel() for p in self.params])
         self.collectives = Collectives(peer.plane, self.spec.collective_config(config.collective))
-        mode_cls = SyncMode if self.spec.train.mode == "sync" else DiLoCoMode
-        self.mode: SyncMode | DiLoCoMode = mode_cls(self.model, self.collectives, self.spec.train)
-        self.compute = self.mode.compute = Compute(nice=config.nice)
+        self.compute = Compute(nice=config.nice)
+        self.mode: TrainingMode = create_mode(
+            self.spec.train.mode, self.model, self.collectives, self.spec.train, compute=self.compute
+        )
         self.matchmaker = Matchmaker(
             peer.host, peer.swarm, window_s=config.window_s, timeout_s=config.request_timeout_s,
             grouping=self._grouping,
@@ -138,7 +143,10 @@ class SwarmTrainer(StateSource):
         self._failed_syncs = 0  # state downloads in a row that found no donor
         self._view_at = 0.0
         self._ahead: list[str] = []
-        self._catching_up = False  # set by a re-sync: the next round is joined without local work (diloco)
+        self._catching_up = False  # set by a re-sync: the next round may be joined without local work
+        self._work = _RoundWork()  # what this round's phases have done so far
+        self._failed_in_a_row = 0  # rounds in a row that committed nothing
+        self._tokens = 0  # tokens of local work since the run started
         self.on_round: Callable[[SwarmTrainer], None] | None = None
         """Called after every round (e.g. to refresh a display); must not raise."""
         self.started_at = time.perf_counter()
@@ -194,35 +202,81 @@ class SwarmTrainer(StateSource):
     async def run(self) -> Progress:
         """Train until ``config.rounds`` rounds committed (or forever); returns the progress."""
         await self._initial_sync()
-        failed_in_a_row = 0
-        started = self.started_at = time.perf_counter()
-        tokens = 0
-        while self.config.rounds is None or self.progress.rounds_committed < self.config.rounds:
-            loss: float | None = None
-            idle = self._catching_up and isinstance(self.mode, DiLoCoMode)
-            self._catching_up = False
-            if not idle:
-                loss, n_tokens = await self._local_work()
-                tokens += n_tokens
-            # else: just downloaded the swarm's state: ask for the next round at once with nothing to add (zero
-            # weight), instead of arriving H steps late for it and re-syncing again.
-            formed = await self._form_group(idle=idle)
-            if formed is None:  # re-synced: the local work was on an old state
-                continue
-            result = await self._step(formed)
-            if result.committed:
-                failed_in_a_row = 0
-            else:
-                failed_in_a_row += 1
-                self._check_failures(failed_in_a_row)
-            elapsed = time.perf_counter() - started
-            self._report(result, loss, tokens / max(elapsed, 1e-9))
-            if self.config.eval_every and self.progress.rounds_committed % self.config.eval_every == 0:
-                self.progress.val_loss = await self.evaluate()
-            if self.on_round is not None:
-                self.on_round(self)
+        self._failed_in_a_row = self._tokens = 0
+        self.started_at = time.perf_counter()
+        handlers: dict[Phase, PhaseHandler] = {
+            Phase.LOCAL_WORK: self._phase_local_work,
+            Phase.GROUP: self._phase_group,
+            Phase.HAND_OVER: self._phase_hand_over,
+            Phase.SHARDED_STEP: self._phase_sharded_step,
+            Phase.COMMIT: self._phase_commit,
+            Phase.FAILED: self._phase_failed,
+            Phase.REPORT: self._phase_report,
+        }
+        await run_phases(handlers, self._after_report())
         self.progress.val_loss = await self.evaluate()
         return self.progress
+
+    def _after_report(self) -> Phase:
+        if self.config.rounds is None or self.progress.rounds_committed < self.config.rounds:
+            return Phase.LOCAL_WORK
+        return Phase.DONE
+
+    async def _phase_local_work(self) -> Phase:
+        work = self._work = _RoundWork(idle=self._catching_up and self.mode.join_idle_after_resync)
+        self._catching_up = False
+        if not work.idle:
+            work.loss, n_tokens = await self._local_work()
+            self._tokens += n_tokens
+        # else: just downloaded the swarm's state: ask for the next round at once with nothing to add (zero
+        # weight), instead of arriving a whole local work late for it and re-syncing again.
+        return Phase.GROUP
+
+    async def _phase_group(self) -> Phase:
+        formed = await self._form_group(idle=self._work.idle)
+        if formed is None:  # re-synced: the local work was on an old state
+            return Phase.LOCAL_WORK
+        self._work.formed = formed
+        return Phase.HAND_OVER
+
+    async def _phase_hand_over(self) -> Phase:
+        work = self._work
+        assert work.formed is not None
+        lo, hi = self.mode.my_range(work.formed.layout)
+        work.handed = []
+        if (lo, hi) != (self.mode.optimizer.start, self.mode.optimizer.end) and self.owners:
+            found = await fetch_optimizer_state(
+                self.peer.host, self.owners, self.state_id, lo, hi, buffer_names=self.mode.optimizer.buffer_names
+            )
+            work.handed = list(found.values())
+        return Phase.SHARDED_STEP
+
+    async def _phase_sharded_step(self) -> Phase:
+        work = self._work
+        assert work.formed is not None
+        work.outcome = await self.mode.round(work.formed.layout, handed=work.handed)
+        return Phase.COMMIT if work.outcome.result.committed else Phase.FAILED
+
+    async def _phase_commit(self) -> Phase:
+        self._adopt()
+        self._failed_in_a_row = 0
+        return Phase.REPORT
+
+    async def _phase_failed(self) -> Phase:
+        self._adopt()
+        self._failed_in_a_row += 1
+        self._check_failures(self._failed_in_a_row)
+        return Phase.REPORT
+
+    async def _phase_report(self) -> Phase:
+        assert self._work.outcome is not None
+        elapsed = time.perf_counter() - self.started_at
+        self._report(self._work.outcome.result, self._work.loss, self._tokens / max(elapsed, 1e-9))
+        if self.config.eval_every and self.progress.rounds_committed % self.config.eval_every == 0:
+            self.progress.val_loss = await self.evaluate()
+        if self.on_round is not None:
+            self.on_round(self)
+        return self._after_report()
 
     async def _form_group(self, *, idle: bool = False) -> Formed | None:
         """The group of our next round; None if we had to re-sync instead. Retries with backoff while the
@@ -269,14 +323,11 @@ class SwarmTrainer(StateSource):
             self.matchmaker.window_s = max(self.config.window_s, took / 4)
 
     async def _local_steps(self) -> tuple[float, int]:
-        steps = 1 if isinstance(self.mode, SyncMode) else self.spec.train.inner_steps
+        steps = self.mode.local_steps
         losses = []
         for _ in range(steps):
             batch = await self._next_batch()
-            if isinstance(self.mode, SyncMode):
-                losses.append(await self.mode.backward(batch))
-            else:
-                losses.append(await self.mode.inner_step(batch))
+            losses.append(await self.mode.local_step(batch))
             self.progress.step += 1
         assert self.spec.model.seq_len is not None
         return float(np.mean(losses)), steps * self.spec.data.batch_size * self.spec.model.seq_len
@@ -383,21 +434,11 @@ class SwarmTrainer(StateSource):
         groups = form_groups(peer_ids, matrix, min_group=train.min_group, max_group=train.max_group)
         return [list(g) for g in groups]
 
-    async def _step(self, formed: Formed) -> RoundResult:
-        layout, group = formed.layout, formed.group
-        self.mode.column_results.clear()
-        lo, hi = self.mode.my_range(layout)
-        handed: list[StateSlice] = []
-        if (lo, hi) != (self.mode.optimizer.start, self.mode.optimizer.end) and self.owners:
-            found = await fetch_optimizer_state(
-                self.peer.host, self.owners, self.state_id, lo, hi, buffer_names=self.mode.optimizer.buffer_names
-            )
-            handed = list(found.values())
-        if isinstance(self.mode, SyncMode):
-            outcome = await self.mode.sync(layout, handed=handed)
-        else:
-            outcome = await self.mode.outer_step(layout, handed=handed)
-        result = outcome.result
+    def _adopt(self) -> None:
+        """Take the round's outcome as this member's state (committed or not: every survivor agrees on it)."""
+        formed, outcome = self._work.formed, self._work.outcome
+        assert formed is not None and outcome is not None
+        layout, group, result = formed.layout, formed.group, outcome.result
         self.round = formed.round
         self.state_id = self._next_state_id(layout)
         faulty = {group.members[i].peer_id for i in result.faulty}
@@ -407,13 +448,11 @@ class SwarmTrainer(StateSource):
         if not outcome.in_sync:
             logger.warning("%s declared faulty in round %d: re-syncing", self.tag, self.round)
             self._ahead = [d for d in self.matchmaker.donors if d != self.peer.peer_id]
-        columns = self.mode.column_results
-        self.progress.bytes_sent += result.bytes_sent + sum(r.bytes_sent for r in columns)
-        self.progress.bytes_received += result.bytes_received + sum(r.bytes_received for r in columns)
+        self.progress.bytes_sent += outcome.bytes_sent
+        self.progress.bytes_received += outcome.bytes_received
         self.progress.group_size = group.size
         self.progress.groups = len(layout.groups)
         self.progress.group = _group_label(group)
-        return result
 
     def _next_state_id(self, layout: Layout) -> bytes:
         """The id of the state after a round: a hash of the previous id, the round's layout and the state's bytes.
@@ -454,6 +493,22 @@ class SwarmTrainer(StateSource):
             self.data.val, self.spec.model.seq_len, self.spec.data.batch_size, self.config.eval_batches
         )
         return await self.compute.run(evaluate, self.model, batches)
+
+
+@dataclass
+class _RoundWork:
+    """What the phases of the current round have done so far (a fresh one at every ``LOCAL_WORK``)."""
+
+    idle: bool = False
+    """Joined without local work: it had just re-synced."""
+    loss: float | None = None
+    """Mean loss of the local work (None if it did none)."""
+    formed: Formed | None = None
+    """The group of the round, once ``GROUP`` formed it."""
+    handed: list[StateSlice] = field(default_factory=list)
+    """Optimizer state of this member's new shard, from its previous owners (``HAND_OVER``)."""
+    outcome: RoundOutcome | None = None
+    """What the ``SHARDED_STEP`` did."""
 
 
 def _initial_state_id(signed: SignedSpec) -> bytes:

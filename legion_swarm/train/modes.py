@@ -11,7 +11,18 @@ round does not commit get ``u = 0``, so survivors of a round always end bit-iden
 declares faulty may have missed shards and must re-sync (:attr:`RoundOutcome.in_sync` is False).
 
 Forward and backward passes run in a worker thread so the event loop keeps serving heartbeats and the data
-plane while the model computes.
+plane while the model computes: the mode's :class:`~legion_swarm.train.compute.Compute`, given at construction.
+
+**The protocol.** :class:`TrainingMode` is all the training loop (:mod:`legion_swarm.train.loop`) knows of a
+mode: how many local steps a round's local work takes and one such step (:attr:`~TrainingMode.local_steps`,
+:meth:`~TrainingMode.local_step`), the round itself (:meth:`~TrainingMode.round`, returning a
+:class:`RoundOutcome` with the bytes it moved), the state every member holds bit-identically
+(:meth:`~TrainingMode.state_tensors`, :meth:`~TrainingMode.load_state`), and the sharded optimizer state the
+loop hands over between owners. :data:`MODE_CLASSES` maps the config's mode name to the class and
+:func:`create_mode` builds one, so a third mode is one class plus one entry there (and its name in
+:data:`legion_swarm.config.train.MODES`, which the config validates). The mode-specific methods
+(``SyncMode.backward/sync/step``, ``DiLoCoMode.inner_step/outer_step``) stay as they are; the protocol's methods
+call them.
 """
 
 from __future__ import annotations
@@ -20,12 +31,13 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import ClassVar, Protocol, TypeVar, runtime_checkable
 
 import torch
 
 from legion_swarm.collectives import Collectives, FaultPlan, Relay, RoundResult, group_plan
 from legion_swarm.config import TrainConfig
+from legion_swarm.errors import ConfigError
 from legion_swarm.groups.info import GroupInfo
 from legion_swarm.groups.layout import Layout
 from legion_swarm.train.compute import Compute
@@ -42,20 +54,79 @@ MIN_WEIGHT = 1e-9
 """Contribution weight of a member that trained on no samples since the last round (it must send something)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RoundOutcome:
     """What a training round did, for this peer."""
 
     result: RoundResult
+    """The group's round as this peer saw it."""
     samples: int
     """Samples this peer contributed."""
     fresh_state: int
     """Optimizer-state elements of this peer's new shard that nobody could hand over (they start fresh)."""
+    columns: tuple[RoundResult, ...] = ()
+    """The column rounds this peer took part in as an owner (hierarchical rounds only)."""
+
+    def __post_init__(self) -> None:
+        if self.samples < 0 or self.fresh_state < 0:
+            raise ValueError(f"samples and fresh_state must be >= 0, got {self.samples}, {self.fresh_state}")
 
     @property
     def in_sync(self) -> bool:
         """False if the round declared this peer faulty: its parameters may now differ from the group's."""
         return self.result.rank not in self.result.faulty
+
+    @property
+    def bytes_sent(self) -> int:
+        """Message bytes this peer sent in the round, its column rounds included."""
+        return self.result.bytes_sent + sum(r.bytes_sent for r in self.columns)
+
+    @property
+    def bytes_received(self) -> int:
+        """Message bytes this peer received in the round, its column rounds included."""
+        return self.result.bytes_received + sum(r.bytes_received for r in self.columns)
+
+
+@runtime_checkable
+class TrainingMode(Protocol):
+    """What a round of the training loop needs from a mode. Construction: ``cls(model, collectives, config, *,
+    compute=None)`` (see :data:`ModeClass`)."""
+
+    join_idle_after_resync: ClassVar[bool]
+    """After downloading the swarm's state, join the next round at once with no local work (zero weight)
+    rather than do the local work first: for modes whose local work is long enough to miss that round."""
+    optimizer: ShardState
+    """This peer's shard of the optimizer state, moved between owners when the partition moves."""
+    numels: list[int]
+    """Elements of each trainable tensor, in ``model.parameters()`` order."""
+
+    @property
+    def local_steps(self) -> int:
+        """Batches one round's local work takes (each one :meth:`local_step`)."""
+        ...
+
+    async def local_step(self, batch: Batch) -> float:
+        """One step of local work on ``batch``; returns the loss."""
+        ...
+
+    def my_range(self, layout: GroupInfo | Layout) -> tuple[int, int]:
+        """The flat range whose optimizer state this peer keeps in a round of ``layout``."""
+        ...
+
+    async def round(
+        self, layout: GroupInfo | Layout, *, handed: Sequence[StateSlice] = (), faults: FaultPlan | None = None
+    ) -> RoundOutcome:
+        """The group's round on the local work since the last one; ``handed``: optimizer state of this peer's
+        new range from its previous owners."""
+        ...
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """What every member of a group holds bit-identically between rounds, and what donors serve."""
+        ...
+
+    def load_state(self, flat: torch.Tensor) -> None:
+        """Take a downloaded flat state as this peer's own."""
+        ...
 
 
 def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -78,10 +149,14 @@ def forward_backward(model: torch.nn.Module, batch: Batch) -> float:
 class _ShardedMode:
     """What both modes share: the update buffers, staging the owner's state, applying the gathered update."""
 
-    def __init__(self, model: torch.nn.Module, collectives: Collectives, optimizer: ShardState) -> None:
+    join_idle_after_resync: ClassVar[bool] = False
+
+    def __init__(
+        self, model: torch.nn.Module, collectives: Collectives, optimizer: ShardState, compute: Compute | None
+    ) -> None:
         self.model = model
         self.collectives = collectives
-        self.compute: Compute | None = None
+        self.compute = compute
         """Where forward and backward passes run (None: any worker thread)."""
         self.cross = Collectives(collectives.plane, collectives.config)
         """The column rounds of hierarchical rounds (their own residuals and buffers: other shards, other peers)."""
@@ -120,18 +195,32 @@ class _ShardedMode:
                 for p, t in zip(self.params, self.state_tensors(), strict=True):
                     p.copy_(t)
 
+    async def round(
+        self, layout: GroupInfo | Layout, *, handed: Sequence[StateSlice] = (), faults: FaultPlan | None = None
+    ) -> RoundOutcome:
+        # A fresh list per round: a long run would otherwise keep every column round's result.
+        self.column_results.clear()
+        return await self._round(layout, handed, faults)
+
+    async def _round(
+        self, layout: GroupInfo | Layout, handed: Sequence[StateSlice], faults: FaultPlan | None
+    ) -> RoundOutcome:
+        raise NotImplementedError
+
     def prepare(self, layout: GroupInfo | Layout, handed: Sequence[StateSlice] = ()) -> int:
         """Move the sharded optimizer state to the range this peer keeps in a round of ``layout``."""
         return self.optimizer.rebase(*self.my_range(layout), handed)
 
     async def _sharded_round(
         self, layout: GroupInfo | Layout, contributions: Sequence[torch.Tensor], start: Sequence[torch.Tensor],
-        weight: float, handed: Sequence[StateSlice], faults: FaultPlan | None,
-    ) -> tuple[RoundResult, int]:  # fmt: skip
+        samples: int, handed: Sequence[StateSlice], faults: FaultPlan | None,
+    ) -> RoundOutcome:  # fmt: skip
         """Average ``contributions``; the owner turns its shard of ``start`` into an update; then
         ``start -= update`` on every member for the committed shards. With several groups, each owner first
-        averages its group's shard across groups in its column, where the optimizer step happens."""
+        averages its group's shard across groups in its column, where the optimizer step happens. ``samples``
+        weigh this peer's contribution."""
         layout = _as_layout(layout)
+        first_column = len(self.column_results)
         fresh = self.prepare(layout, handed)
         group = layout.group_of(self.peer_id)
         plan = group_plan(group, self.numels)
@@ -148,7 +237,7 @@ class _ShardedMode:
         for u in self.updates:
             u.zero_()
         result = await self.collectives.sharded_step(
-            group, contributions, None if layout.hierarchical else update_fn, weight=max(weight, MIN_WEIGHT),
+            group, contributions, None if layout.hierarchical else update_fn, weight=max(samples, MIN_WEIGHT),
             out=self.updates, faults=faults, relay=relay,
             relay_timeout_s=self.relay_timeout_s if layout.hierarchical else 0.0,
         )  # fmt: skip
@@ -157,7 +246,8 @@ class _ShardedMode:
         with torch.no_grad():
             for s, u in zip(start, self.updates, strict=True):
                 s.sub_(u)
-        return result, fresh
+        columns = tuple(self.column_results[first_column:])
+        return RoundOutcome(result=result, samples=samples, fresh_state=fresh, columns=columns)
 
     @property
     def relay_timeout_s(self) -> float:
@@ -192,10 +282,24 @@ class _ShardedMode:
 class SyncMode(_ShardedMode):
     """Every step: average gradients across the group, sharded AdamW on the owners, gather the updates."""
 
-    def __init__(self, model: torch.nn.Module, collectives: Collectives, config: TrainConfig) -> None:
-        super().__init__(model, collectives, ShardedAdamW(**config.adamw()))
+    def __init__(
+        self, model: torch.nn.Module, collectives: Collectives, config: TrainConfig, *, compute: Compute | None = None
+    ) -> None:
+        super().__init__(model, collectives, ShardedAdamW(**config.adamw()), compute)
         self.config = config
         self.samples = 0
+
+    @property
+    def local_steps(self) -> int:
+        return 1
+
+    async def local_step(self, batch: Batch) -> float:
+        return await self.backward(batch)
+
+    async def _round(
+        self, layout: GroupInfo | Layout, handed: Sequence[StateSlice], faults: FaultPlan | None
+    ) -> RoundOutcome:
+        return await self.sync(layout, handed=handed, faults=faults)
 
     def state_tensors(self) -> list[torch.Tensor]:
         return [p.data for p in self.params]
@@ -212,8 +316,7 @@ class SyncMode(_ShardedMode):
     ) -> RoundOutcome:
         """Average the gradients of :meth:`backward` across ``group`` and step."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        result, fresh = await self._sharded_round(group, grads, self.state_tensors(), self.samples, handed, faults)
-        return RoundOutcome(result, self.samples, fresh)
+        return await self._sharded_round(group, grads, self.state_tensors(), self.samples, handed, faults)
 
     async def step(
         self,
@@ -231,8 +334,13 @@ class SyncMode(_ShardedMode):
 class DiLoCoMode(_ShardedMode):
     """H local AdamW steps, then a sharded outer Nesterov step on the averaged pseudo-gradients."""
 
-    def __init__(self, model: torch.nn.Module, collectives: Collectives, config: TrainConfig) -> None:
-        super().__init__(model, collectives, ShardedNesterov(lr=config.outer_lr, momentum=config.outer_momentum))
+    join_idle_after_resync = True  # H local steps after a re-sync would arrive late for the next round
+
+    def __init__(
+        self, model: torch.nn.Module, collectives: Collectives, config: TrainConfig, *, compute: Compute | None = None
+    ) -> None:
+        outer = ShardedNesterov(lr=config.outer_lr, momentum=config.outer_momentum)
+        super().__init__(model, collectives, outer, compute)
         self.config = config
         self.inner = LocalAdamW(self.params, **config.adamw())  # type: ignore[arg-type]
         self.anchor = [p.detach().clone() for p in self.params]
@@ -246,6 +354,18 @@ class DiLoCoMode(_ShardedMode):
     def load_state(self, flat: torch.Tensor) -> None:
         super().load_state(flat)
         self.samples = self.inner_steps = 0
+
+    @property
+    def local_steps(self) -> int:
+        return self.config.inner_steps
+
+    async def local_step(self, batch: Batch) -> float:
+        return await self.inner_step(batch)
+
+    async def _round(
+        self, layout: GroupInfo | Layout, handed: Sequence[StateSlice], faults: FaultPlan | None
+    ) -> RoundOutcome:
+        return await self.outer_step(layout, handed=handed, faults=faults)
 
     async def inner_step(self, batch: Batch) -> float:
         """One local AdamW step on ``batch``; returns the loss."""
@@ -267,13 +387,36 @@ class DiLoCoMode(_ShardedMode):
         """Average how far each member moved since the anchor; the owners' Nesterov step moves the anchor;
         everyone continues from the new anchor."""
         pseudo = [a - p.detach() for a, p in zip(self.anchor, self.params, strict=True)]
-        samples = self.samples
-        result, fresh = await self._sharded_round(group, pseudo, self.anchor, samples, handed, faults)
+        outcome = await self._sharded_round(group, pseudo, self.anchor, self.samples, handed, faults)
         with torch.no_grad():
             for a, p in zip(self.anchor, self.params, strict=True):
                 p.copy_(a)
         self.samples = self.inner_steps = 0
-        return RoundOutcome(result, samples, fresh)
+        return outcome
+
+
+ModeClass = Callable[..., TrainingMode]
+"""``cls(model, collectives, config, *, compute=None)``: builds a mode for ``model``, rounds on ``collectives``,
+settings from ``config`` (the swarm's :class:`TrainConfig`), local passes on ``compute`` (None: any worker
+thread)."""
+
+MODE_CLASSES: dict[str, ModeClass] = {"sync": SyncMode, "diloco": DiLoCoMode}
+"""The config's mode name (:attr:`TrainConfig.mode`) -> the class that trains that way."""
+
+
+def create_mode(
+    name: str, model: torch.nn.Module, collectives: Collectives, config: TrainConfig, *, compute: Compute | None = None
+) -> TrainingMode:
+    """The mode ``name`` of :data:`MODE_CLASSES`, built for ``model``; refuses a class that does not fulfil
+    :class:`TrainingMode`."""
+    try:
+        cls = MODE_CLASSES[name]
+    except KeyError:
+        raise ConfigError(f"no training mode {name!r}: expected one of {', '.join(MODE_CLASSES)}") from None
+    mode = cls(model, collectives, config, compute=compute)
+    if not isinstance(mode, TrainingMode):
+        raise TypeError(f"{type(mode).__name__} (mode {name!r}) does not fulfil the TrainingMode protocol")
+    return mode
 
 
 def _as_layout(layout: GroupInfo | Layout) -> Layout:
