@@ -197,10 +197,11 @@ async def run_chaos(config: ChaosConfig) -> ChaosReport:
         # Let the last restarted peers come back before judging.
         await _watch_until(watcher, lambda: _all_rejoined(watcher), timeout=60, poll_s=config.poll_s)
         report.kills = len(churn.killed)
-        started_ok = [r for r in churn.restarts if r.peer is not None and r.startup_s is not None]
-        report.restarts = len(started_ok)
-        report.startup_s = [round(r.startup_s, 2) for r in started_ok if r.startup_s is not None]
-        _fill(report, watcher, {r.spawned_at: r.startup_s for r in started_ok if r.startup_s is not None})
+        # spawn time -> seconds until the process listened, for the restarts that started (a failed one has none)
+        startups = {r.spawned_at: r.startup_s for r in churn.restarts if r.startup_s is not None}
+        report.restarts = len(startups)
+        report.startup_s = [round(s, 2) for s in startups.values()]
+        _fill(report, watcher, startups)
         killed = {p.pid for p in churn.killed}
         for p in swarm.processes():
             if not p.running and p.pid not in killed:
