@@ -181,8 +181,9 @@ class ToyMode:
     join_idle_after_resync = False
 
     def __init__(
-        self, model: torch.nn.Module, collectives: Collectives, config: TrainConfig, *, compute: Compute | None = None
-    ) -> None:
+        self, model: torch.nn.Module, collectives: Collectives, config: TrainConfig, *, compute: Compute | None = None,
+        placement: object = None,
+    ) -> None:  # fmt: skip
         self.model, self.config, self.compute = model, config, compute
         self.params = trainable(model)
         self.numels = [p.numel() for p in self.params]
@@ -217,7 +218,7 @@ class ToyMode:
     def state_tensors(self) -> list[torch.Tensor]:
         return [p.data for p in self.params]
 
-    def load_state(self, flat: torch.Tensor) -> None:
+    def load_state(self, flat: torch.Tensor, *, keep_work: bool = False) -> None:
         raise NotImplementedError
 
 

@@ -6,6 +6,10 @@ volunteer-computing clients do: the volunteer's machine stays responsive, and wh
 machine, every peer's networking, and a peer that is starting, go before anyone's number crunching.
 Linux sets priorities per thread, and torch's intra-op threads inherit the priority of the thread that
 starts them; elsewhere ``nice`` is ignored.
+
+For experiments with unequal peers on one machine, ``speed`` < 1 throttles the thread for real: after each
+call that took ``t`` seconds it sleeps ``t * (1 / speed - 1)``, so the peer computes at ``speed`` times its
+pace in wall time (``simulate --speeds``); the event loop is untouched.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import functools
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -27,20 +32,33 @@ T = TypeVar("T")
 class Compute:
     """``await compute.run(fn, *args)`` runs ``fn(*args)`` on the compute thread; :meth:`close` when done."""
 
-    def __init__(self, nice: int = 0) -> None:
+    def __init__(self, nice: int = 0, *, speed: float = 1.0) -> None:
         if not 0 <= nice <= 19:
             raise ValueError(f"nice must be in 0..19, got {nice}")
-        self.nice = nice
+        if not 0 < speed <= 1:
+            raise ValueError(f"speed must be in (0, 1], got {speed}")
+        self.nice, self.speed = nice, speed
         self._executor = ThreadPoolExecutor(
             1, thread_name_prefix="compute", initializer=_lower_priority, initargs=(nice,)
         )
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
+        call = functools.partial(fn, *args)
+        if self.speed < 1:
+            call = functools.partial(_throttled, call, 1 / self.speed - 1)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     def close(self) -> None:
         """Let a running call finish in the background; no new calls."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _throttled(call: Callable[[], T], pause_per_second: float) -> T:
+    started = time.perf_counter()
+    try:
+        return call()
+    finally:
+        time.sleep((time.perf_counter() - started) * pause_per_second)
 
 
 def _lower_priority(nice: int) -> None:

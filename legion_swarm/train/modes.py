@@ -13,6 +13,20 @@ declares faulty may have missed shards and must re-sync (:attr:`RoundOutcome.in_
 Forward and backward passes run in a worker thread so the event loop keeps serving heartbeats and the data
 plane while the model computes: the mode's :class:`~legion_swarm.train.compute.Compute`, given at construction.
 
+**Devices.** The model, its batches and the inner optimizer live on the mode's
+:class:`~legion_swarm.train.device.Placement` (a GPU, or the CPU), and passes run in its precision under
+autocast. The state every member holds bit-identically (``sync``: a float32 host copy of the parameters;
+``diloco``: the anchor) and the sharded optimizer state are on the host, where the round's arithmetic
+happens: what leaves the device (gradients, the parameters for a pseudo-gradient) is copied into host
+staging buffers, and the parameters are set from the host state after every round. Peers on different
+devices and precisions therefore contribute different numbers but commit the same bits.
+
+**Local work that outlives a round.** A member may compute more than one batch per round (a round by time or
+samples: :class:`~legion_swarm.config.TrainConfig`'s ``round_seconds`` / ``round_samples``), and a member
+that arrived too late for a round keeps its work for the next one (:meth:`TrainingMode.load_state` with
+``keep_work``): ``sync`` keeps its accumulated gradients, ``diloco`` moves its local progress
+(``params - anchor``) onto the downloaded anchor. :attr:`TrainingMode.samples` is what that work weighs.
+
 **The protocol.** :class:`TrainingMode` is all the training loop (:mod:`legion_swarm.train.loop`) knows of a
 mode: how many local steps a round's local work takes and one such step (:attr:`~TrainingMode.local_steps`,
 :meth:`~TrainingMode.local_step`), the round itself (:meth:`~TrainingMode.round`, returning a
@@ -41,6 +55,7 @@ from legion_swarm.errors import ConfigError
 from legion_swarm.groups.info import GroupInfo
 from legion_swarm.groups.layout import Layout
 from legion_swarm.train.compute import Compute
+from legion_swarm.train.device import LossScaler, Placement, forward_backward
 from legion_swarm.train.optim import LocalAdamW, ShardedAdamW, ShardedNesterov, ShardState, Staged, StateSlice
 
 logger = logging.getLogger(__name__)
@@ -90,7 +105,7 @@ class RoundOutcome:
 @runtime_checkable
 class TrainingMode(Protocol):
     """What a round of the training loop needs from a mode. Construction: ``cls(model, collectives, config, *,
-    compute=None)`` (see :data:`ModeClass`)."""
+    compute=None, placement=None)`` (see :data:`ModeClass`)."""
 
     join_idle_after_resync: ClassVar[bool]
     """After downloading the swarm's state, join the next round at once with no local work (zero weight)
@@ -99,10 +114,13 @@ class TrainingMode(Protocol):
     """This peer's shard of the optimizer state, moved between owners when the partition moves."""
     numels: list[int]
     """Elements of each trainable tensor, in ``model.parameters()`` order."""
+    samples: int
+    """Samples of the local work not yet contributed to a round (its weight in the next one)."""
 
     @property
     def local_steps(self) -> int:
-        """Batches one round's local work takes (each one :meth:`local_step`)."""
+        """Batches one round's local work takes (each one :meth:`local_step`); with a round budget, the most it
+        takes."""
         ...
 
     async def local_step(self, batch: Batch) -> float:
@@ -124,8 +142,9 @@ class TrainingMode(Protocol):
         """What every member of a group holds bit-identically between rounds, and what donors serve."""
         ...
 
-    def load_state(self, flat: torch.Tensor) -> None:
-        """Take a downloaded flat state as this peer's own."""
+    def load_state(self, flat: torch.Tensor, *, keep_work: bool = False) -> None:
+        """Take a downloaded flat state as this peer's own; ``keep_work``: keep the local work done since the
+        last round (to contribute it to the next one) instead of dropping it."""
         ...
 
 
@@ -138,32 +157,33 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return params
 
 
-def forward_backward(model: torch.nn.Module, batch: Batch) -> float:
-    """One forward and backward pass; gradients accumulate into ``.grad``. Returns the loss."""
-    inputs, targets = batch
-    _, loss = model(inputs, targets)
-    loss.backward()
-    return float(loss.detach())
-
-
 class _ShardedMode:
     """What both modes share: the update buffers, staging the owner's state, applying the gathered update."""
 
     join_idle_after_resync: ClassVar[bool] = False
 
     def __init__(
-        self, model: torch.nn.Module, collectives: Collectives, optimizer: ShardState, compute: Compute | None
-    ) -> None:
+        self, model: torch.nn.Module, collectives: Collectives, optimizer: ShardState, compute: Compute | None,
+        placement: Placement | None,
+    ) -> None:  # fmt: skip
         self.model = model
         self.collectives = collectives
         self.compute = compute
-        """Where forward and backward passes run (None: any worker thread)."""
+        """The thread forward and backward passes run on (None: any worker thread)."""
+        self.placement = placement or Placement(next(model.parameters()).device)
+        """The device and precision of the passes; the model must already be on that device."""
+        self.scaler = LossScaler() if self.placement.scales_loss else None
+        if any(p.device != self.placement.device for p in model.parameters()):
+            raise ValueError(f"the model must be on {self.placement.device} before the mode is built")
         self.cross = Collectives(collectives.plane, collectives.config)
         """The column rounds of hierarchical rounds (their own residuals and buffers: other shards, other peers)."""
         self.params = trainable(model)
         self.numels = [p.numel() for p in self.params]
         self.optimizer = optimizer
-        self.updates = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in self.params]
+        self.staging = self.placement.host_buffers(self.params)
+        """Host copies of what leaves the device for a round (gradients, or parameters for a pseudo-gradient)."""
+        self.updates = [torch.zeros(p.shape, dtype=torch.float32) for p in self.params]
+        self.samples = 0
         self.column_results: list[RoundResult] = []
         """Results of the column rounds this peer took part in (hierarchical rounds; the caller may clear it)."""
 
@@ -184,16 +204,22 @@ class _ShardedMode:
         """What every member of a group holds bit-identically between rounds, and what donors serve."""
         raise NotImplementedError
 
-    def load_state(self, flat: torch.Tensor) -> None:
+    def load_state(self, flat: torch.Tensor, *, keep_work: bool = False) -> None:
         """Take a downloaded flat state as this peer's own."""
         offset = 0
         with torch.no_grad():
             for t in self.state_tensors():
                 t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
-            if self.state_tensors()[0] is not self.params[0]:
-                for p, t in zip(self.params, self.state_tensors(), strict=True):
-                    p.copy_(t)
+            self._set_params()
+        if not keep_work:
+            self.samples = 0
+
+    def _set_params(self) -> None:
+        """The parameters on the device from the host state (after a round, or a download)."""
+        with torch.no_grad():
+            for p, t in zip(self.params, self.state_tensors(), strict=True):
+                p.copy_(t)
 
     async def round(
         self, layout: GroupInfo | Layout, *, handed: Sequence[StateSlice] = (), faults: FaultPlan | None = None
@@ -283,15 +309,19 @@ class SyncMode(_ShardedMode):
     """Every step: average gradients across the group, sharded AdamW on the owners, gather the updates."""
 
     def __init__(
-        self, model: torch.nn.Module, collectives: Collectives, config: TrainConfig, *, compute: Compute | None = None
-    ) -> None:
-        super().__init__(model, collectives, ShardedAdamW(**config.adamw()), compute)
+        self, model: torch.nn.Module, collectives: Collectives, config: TrainConfig, *, compute: Compute | None = None,
+        placement: Placement | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(model, collectives, ShardedAdamW(**config.adamw()), compute, placement)
         self.config = config
-        self.samples = 0
+        self.master = [p.detach().to("cpu", copy=True) for p in self.params]
+        """The parameters as every member holds them, float32 on the host (the model's are copies of them)."""
+        self.batches = 0  # batches whose gradients are accumulated for the next round
 
     @property
     def local_steps(self) -> int:
-        return 1
+        # One batch a round; a round by time or samples accumulates up to inner_steps batches' gradients.
+        return self.config.inner_steps if self.config.budgeted else 1
 
     async def local_step(self, batch: Batch) -> float:
         return await self.backward(batch)
@@ -302,21 +332,44 @@ class SyncMode(_ShardedMode):
         return await self.sync(layout, handed=handed, faults=faults)
 
     def state_tensors(self) -> list[torch.Tensor]:
-        return [p.data for p in self.params]
+        return self.master
 
     async def backward(self, batch: Batch) -> float:
-        """Compute this peer's gradients on ``batch`` (before the group is formed); returns the loss."""
-        self.model.zero_grad(set_to_none=False)
-        loss = await self._offload(forward_backward, self.model, batch)
-        self.samples = int(batch[0].shape[0])
+        """Add this peer's gradients on ``batch`` to those of the round so far; returns the loss."""
+        return await self._offload(self._backward, batch)
+
+    def _backward(self, batch: Batch) -> float:
+        loss = forward_backward(self.model, batch, self.placement, self.scaler)
+        self.samples += int(batch[0].shape[0])
+        self.batches += 1
         return loss
 
     async def sync(
         self, group: GroupInfo | Layout, *, handed: Sequence[StateSlice] = (), faults: FaultPlan | None = None
     ) -> RoundOutcome:
         """Average the gradients of :meth:`backward` across ``group`` and step."""
+        grads, samples = await self._offload(self._host_gradients)
+        outcome = await self._sharded_round(group, grads, self.master, samples, handed, faults)
+        self._set_params()
+        self.model.zero_grad(set_to_none=False)
+        self.samples = self.batches = 0
+        return outcome
+
+    def _host_gradients(self) -> tuple[list[torch.Tensor], int]:
+        """The mean gradient of the accumulated batches in the host buffers, and the samples behind it (0 if
+        fp16 gradients overflowed: the round gets this peer's zeros at the smallest weight)."""
+        finite = True
+        if self.scaler is not None:
+            finite = self.scaler.unscale_(self.params)
+            self.scaler.update(finite)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        return await self._sharded_round(group, grads, self.state_tensors(), self.samples, handed, faults)
+        host = self.placement.to_host(grads, self.staging)
+        for g in host:
+            if not finite:
+                g.zero_()
+            elif self.batches > 1:
+                g.div_(self.batches)
+        return host, self.samples if finite else 0
 
     async def step(
         self,
@@ -337,23 +390,33 @@ class DiLoCoMode(_ShardedMode):
     join_idle_after_resync = True  # H local steps after a re-sync would arrive late for the next round
 
     def __init__(
-        self, model: torch.nn.Module, collectives: Collectives, config: TrainConfig, *, compute: Compute | None = None
-    ) -> None:
+        self, model: torch.nn.Module, collectives: Collectives, config: TrainConfig, *, compute: Compute | None = None,
+        placement: Placement | None = None,
+    ) -> None:  # fmt: skip
         outer = ShardedNesterov(lr=config.outer_lr, momentum=config.outer_momentum)
-        super().__init__(model, collectives, outer, compute)
+        super().__init__(model, collectives, outer, compute, placement)
         self.config = config
         self.inner = LocalAdamW(self.params, **config.adamw())  # type: ignore[arg-type]
-        self.anchor = [p.detach().clone() for p in self.params]
-        """The parameters every member of the group held after the last outer step."""
-        self.samples = 0
+        self.anchor = [p.detach().to("cpu", copy=True) for p in self.params]
+        """The parameters every member of the group held after the last outer step (float32, on the host)."""
         self.inner_steps = 0
 
     def state_tensors(self) -> list[torch.Tensor]:
         return self.anchor
 
-    def load_state(self, flat: torch.Tensor) -> None:
-        super().load_state(flat)
-        self.samples = self.inner_steps = 0
+    def load_state(self, flat: torch.Tensor, *, keep_work: bool = False) -> None:
+        if not keep_work:
+            super().load_state(flat)
+            self.inner_steps = 0
+            return
+        # The local progress since the old anchor, moved onto the new one: params = new anchor + (params - old).
+        progress = self.placement.to_host(self.params, self.staging)
+        for h, a in zip(progress, self.anchor, strict=True):
+            h.sub_(a)
+        super().load_state(flat, keep_work=True)
+        with torch.no_grad():
+            for p, a, h in zip(self.params, self.anchor, progress, strict=True):
+                p.copy_(h.add_(a))
 
     @property
     def local_steps(self) -> int:
@@ -373,7 +436,13 @@ class DiLoCoMode(_ShardedMode):
 
     def _inner_step(self, batch: Batch) -> float:
         self.inner.zero_grad()
-        loss = forward_backward(self.model, batch)
+        loss = forward_backward(self.model, batch, self.placement, self.scaler)
+        finite = True
+        if self.scaler is not None:
+            finite = self.scaler.unscale_(self.params)
+            self.scaler.update(finite)
+        if not finite:  # fp16 overflow: skip the step (the scaler halved its scale)
+            return loss
         if self.config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
         self.inner.step()
@@ -386,34 +455,38 @@ class DiLoCoMode(_ShardedMode):
     ) -> RoundOutcome:
         """Average how far each member moved since the anchor; the owners' Nesterov step moves the anchor;
         everyone continues from the new anchor."""
-        pseudo = [a - p.detach() for a, p in zip(self.anchor, self.params, strict=True)]
+        pseudo = await self._offload(self._pseudo_gradient)
         outcome = await self._sharded_round(group, pseudo, self.anchor, self.samples, handed, faults)
-        with torch.no_grad():
-            for a, p in zip(self.anchor, self.params, strict=True):
-                p.copy_(a)
+        self._set_params()
         self.samples = self.inner_steps = 0
         return outcome
 
+    def _pseudo_gradient(self) -> list[torch.Tensor]:
+        """``anchor - params`` in the host buffers."""
+        host = self.placement.to_host(self.params, self.staging)
+        return [torch.sub(a, h, out=h) for a, h in zip(self.anchor, host, strict=True)]
+
 
 ModeClass = Callable[..., TrainingMode]
-"""``cls(model, collectives, config, *, compute=None)``: builds a mode for ``model``, rounds on ``collectives``,
-settings from ``config`` (the swarm's :class:`TrainConfig`), local passes on ``compute`` (None: any worker
-thread)."""
+"""``cls(model, collectives, config, *, compute=None, placement=None)``: builds a mode for ``model``, rounds on
+``collectives``, settings from ``config`` (the swarm's :class:`TrainConfig`), local passes on ``compute``
+(None: any worker thread) on ``placement``'s device and precision (None: the model's device, fp32)."""
 
 MODE_CLASSES: dict[str, ModeClass] = {"sync": SyncMode, "diloco": DiLoCoMode}
 """The config's mode name (:attr:`TrainConfig.mode`) -> the class that trains that way."""
 
 
 def create_mode(
-    name: str, model: torch.nn.Module, collectives: Collectives, config: TrainConfig, *, compute: Compute | None = None
-) -> TrainingMode:
+    name: str, model: torch.nn.Module, collectives: Collectives, config: TrainConfig, *, compute: Compute | None = None,
+    placement: Placement | None = None,
+) -> TrainingMode:  # fmt: skip
     """The mode ``name`` of :data:`MODE_CLASSES`, built for ``model``; refuses a class that does not fulfil
     :class:`TrainingMode`."""
     try:
         cls = MODE_CLASSES[name]
     except KeyError:
         raise ConfigError(f"no training mode {name!r}: expected one of {', '.join(MODE_CLASSES)}") from None
-    mode = cls(model, collectives, config, compute=compute)
+    mode = cls(model, collectives, config, compute=compute, placement=placement)
     if not isinstance(mode, TrainingMode):
         raise TypeError(f"{type(mode).__name__} (mode {name!r}) does not fulfil the TrainingMode protocol")
     return mode
