@@ -243,12 +243,16 @@ class LocalSwarm:
         bootstrap_identity: str | None = None,
         bootstrap_args: tuple[str, ...] = (),
         peer_args: tuple[str, ...] = (),
+        per_peer_args: Sequence[tuple[str, ...]] = (),
         netsim: NetSimSpec | None = None,
         identities: bool = False,
     ) -> LocalSwarm:
         """Start a bootstrap node and ``n_peers`` peers; with ``netsim``, under those network conditions. With
         ``identities`` (implied by ``netsim``) every peer gets a key file (:meth:`identity_of`), so it can be
-        restarted as the same peer."""
+        restarted as the same peer. ``per_peer_args[i]`` go to peer ``i`` after ``peer_args`` (e.g. its
+        ``--speed``)."""
+        if len(per_peer_args) > n_peers:
+            raise ValueError(f"per_peer_args for {len(per_peer_args)} peers, but only {n_peers} peers")
         self = cls(swarm, heartbeat_s, extra_args, bootstrap_args, peer_args)
         try:
             if netsim is not None:
@@ -256,7 +260,8 @@ class LocalSwarm:
             elif identities:
                 self._make_keys(n_peers)
             await self.start_bootstrap(identity=bootstrap_identity)
-            await asyncio.gather(*(self.add_peer() for _ in range(n_peers)))
+            extra = [*per_peer_args, *[()] * (n_peers - len(per_peer_args))]
+            await asyncio.gather(*(self.add_peer(args=(*peer_args, *extra[i])) for i in range(n_peers)))
         except BaseException:
             await self.aclose()
             raise

@@ -89,6 +89,42 @@ def _nice(text: str) -> int:
     return int(text)
 
 
+def _device(text: str) -> str:
+    if text.strip().lower() in ("auto", "cpu"):
+        return text.strip().lower()  # always valid: no torch import while the arguments parse
+    from legion_swarm.train.device import check_device_name
+
+    return check_device_name(text)  # ConfigError naming what this machine has
+
+
+def _precision(text: str) -> str:
+    from legion_swarm.train.device import check_precision
+
+    return check_precision(text)
+
+
+def _speed(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise ValueError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
+
+
+def _speeds(text: str) -> list[float]:
+    return [_speed(t) for t in text.split(",")]
+
+
+def _placement_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device", type=_checked(_device, "device"), default="auto",
+        help="where to train: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--precision", type=_checked(_precision, "precision"), default="fp32",
+        help="of forward/backward passes: fp32, bf16 or fp16 (autocast; float32 master weights; default: fp32)",
+    )  # fmt: skip
+
+
 def _netsim_file(text: str) -> str:
     from legion_swarm.transport.netsim import NetSim  # stdlib only: no hivemind before the arguments parse
 
@@ -179,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU priority of the training compute, 0 (normal) to 19 (idle only); networking keeps normal "
         "priority (default: %(default)s)",
     )
+    _placement_flags(p)
+    p.add_argument(
+        "--speed", type=_checked(_speed, "speed"), default=1.0,
+        help="for experiments: throttle the compute to this fraction of its pace, in (0, 1] (default: 1)",
+    )  # fmt: skip
 
     p = sub.add_parser("status", parents=[common], help="show a swarm's members (never joins as a member)")
     _peer_flag(p, "full multiaddr of a swarm member (repeatable)", required=True)
@@ -211,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s; a round is one step in sync mode, --inner-steps steps in diloco)",
     )
     p.add_argument("--no-train", action="store_true", help="only form the swarm and show it")
+    _placement_flags(p)
+    p.add_argument(
+        "--speeds", metavar="S1,S2,...", type=_checked(_speeds, "speeds"),
+        help="unequal peers: throttle peer i's compute to S_i of its pace, e.g. 1,0.5,0.25 (default: all 1)",
+    )  # fmt: skip
     # Any of these turns latency injection on (transport/netsim.py); peers are spread over regions in turn.
     p.add_argument(
         "--regions",

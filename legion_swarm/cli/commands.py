@@ -19,6 +19,7 @@ from rich.table import Table
 
 from legion_swarm.cli.render import status_report, status_table, view_to_json
 from legion_swarm.config import DHTConfig, HostConfig, MembershipConfig, PeerConfig, ProbeConfig
+from legion_swarm.errors import ConfigError
 from legion_swarm.peer import SwarmPeer, SwarmView
 
 if TYPE_CHECKING:
@@ -230,6 +231,9 @@ async def simulate(args: argparse.Namespace) -> int:
     from legion_swarm.sim import LocalSwarm, NetSimSpec, pid_alive, threads_per_peer
 
     spec_from_args(args)  # a bad flag or config file fails here, before any process starts
+    speeds = args.speeds or []
+    if len(speeds) > args.peers:
+        raise ConfigError(f"--speeds names {len(speeds)} peers, but --peers is {args.peers}")
     netsim = None
     if any(getattr(args, flag) is not None for flag in ("regions", "latency", "intra_latency", "bandwidth")):
         regions = args.regions or 1
@@ -241,12 +245,16 @@ async def simulate(args: argparse.Namespace) -> int:
         )  # fmt: skip
     stop = install_stop_signals()
     started = time.perf_counter()
-    peer_args = ("--no-train",) if args.no_train else ("--rounds", str(args.rounds), *threads_per_peer(args.peers))
+    peer_args = ("--no-train",) if args.no_train else (
+        "--rounds", str(args.rounds), *threads_per_peer(args.peers), "--device", args.device,
+        "--precision", args.precision,
+    )  # fmt: skip
     with stdout.status(f"starting a bootstrap node and {args.peers} peers as separate processes…"):
         swarm = await until_stopped(
             LocalSwarm.create(
                 args.peers, swarm=args.swarm, heartbeat_s=args.heartbeat, bootstrap_args=tuple(_spec_argv(args)),
-                peer_args=peer_args, netsim=netsim, identities=args.dropout is not None,
+                peer_args=peer_args, per_peer_args=[("--speed", str(s)) for s in speeds], netsim=netsim,
+                identities=args.dropout is not None,
             ),
             stop,
         )  # fmt: skip
@@ -322,7 +330,10 @@ def _churn(swarm: LocalSwarm, observer: SwarmPeer, args: argparse.Namespace) -> 
         return [p for p in swarm.peers if p.running and committed.get(p.peer_id, 0) > 0]
 
     def restart_args(victim: PeerProcess) -> tuple[str, ...]:
-        return ("--rounds", str(max(1, args.rounds - committed[victim.peer_id])), *threads_per_peer(args.peers))
+        rounds = ("--rounds", str(max(1, args.rounds - committed[victim.peer_id])))
+        placement = ("--device", args.device, "--precision", args.precision)
+        speed = victim.argv[victim.argv.index("--speed") :][:2] if "--speed" in victim.argv else []
+        return (*rounds, *threads_per_peer(args.peers), *placement, *speed)
 
     return Churn(
         swarm, every_s=args.dropout, ready=ready, restart_args=restart_args,

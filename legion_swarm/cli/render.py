@@ -170,11 +170,13 @@ def status_table(view: SwarmView, rtts: Rtts | None = None) -> Table:
     table.add_column("hardware", no_wrap=True)
     table.add_column("seen", justify="right")
     table.add_column("mode", no_wrap=True)
+    table.add_column("device", no_wrap=True)
     table.add_column("round", justify="right")
     table.add_column("step", justify="right")
     table.add_column("loss", justify="right")
     table.add_column("tok/s", justify="right")
     table.add_column("sent / recv", justify="right", no_wrap=True)
+    table.add_column("MB/s", justify="right")
     table.add_column("rtt", justify="right", no_wrap=True)
     table.add_column("group", no_wrap=True)
     for member in view.members:
@@ -187,11 +189,13 @@ def status_table(view: SwarmView, rtts: Rtts | None = None) -> Table:
             _hardware(member),
             _age(member.last_seen_s),
             r.mode or _DASH,
+            r.device or _DASH,
             _fmt(r.round, "d"),
             _fmt(r.step, "d"),
             _fmt(r.loss, ".3f"),
             _fmt(r.tokens_per_s, ",.0f"),
             _DASH if r.bytes_sent is None else f"{_bytes(r.bytes_sent)} / {_bytes(r.bytes_received)}",
+            _fmt(r.bandwidth, ".1f"),
             _rtt_cell(rtts.get(r.peer_id)),
             r.group or _DASH,
         )
@@ -228,6 +232,9 @@ def view_to_json(view: SwarmView, rtts: Rtts | None = None) -> dict[str, Any]:
                 "round": r.round,
                 "bytes_sent": r.bytes_sent,
                 "bytes_received": r.bytes_received,
+                "device": r.device,
+                "samples_per_s": r.samples_per_s,
+                "bandwidth_mb_s": r.bandwidth,
                 "data": list(r.data) if r.data is not None else None,
                 "rtt": rtt,
             }

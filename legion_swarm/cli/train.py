@@ -114,6 +114,9 @@ def summary_json(trainer: Any, seconds: float) -> str:
         "steps": p.step, "first_loss": p.history[0][1] if p.history else None, "loss": p.loss,
         "val_loss": p.val_loss, "tokens_per_s": p.tokens_per_s, "bytes_sent": p.bytes_sent,
         "bytes_received": p.bytes_received, "resyncs": p.resyncs, "seconds": round(seconds, 2),
+        "device": trainer.placement.label, "samples": p.samples, "samples_dropped": p.samples_dropped,
+        "samples_per_s": p.samples_per_s, "compute_s": round(p.compute_s, 3), "bandwidth_mb_s": p.bandwidth,
+        "waits": [round(w, 3) for w in p.waits], "group_sizes": p.group_sizes,
         "numel": trainer.numel, "history": [[step, round(loss, 5)] for step, loss in p.history],
     })  # fmt: skip
 
@@ -131,7 +134,10 @@ async def train(peer: Any, args: argparse.Namespace, console: Console, keeper: A
     signed = await keeper.fetch()
     check_overrides(signed.spec, overrides(args))
     keeper.hold(signed)  # joiners through us trust this config
-    trainer = await SwarmTrainer.create(peer, signed, LoopConfig(rounds=args.rounds, nice=args.nice))
+    config = LoopConfig(
+        rounds=args.rounds, nice=args.nice, device=args.device, precision=args.precision, speed=args.speed
+    )
+    trainer = await SwarmTrainer.create(peer, signed, config)
     if args.resume:
         from legion_swarm.train.checkpoint import load_checkpoint
 

@@ -139,6 +139,14 @@ class TrainConfig:
     ``min_group``..``max_group`` peers that average across groups hierarchically. 0: one group of everyone."""
     min_group: int = field(default=2, metadata=cli("min-group", metavar="N"))
     """Smallest group when the members are split (see ``max_group``)."""
+    round_seconds: float | None = field(default=None, metadata=cli(metavar="SECONDS"))
+    """A round by time: every member does as many local steps as fit in this many seconds (at most
+    ``inner_steps``; in ``sync``, batches whose gradients it accumulates) and contributes with a weight equal to
+    its samples, so peers of any speed arrive together and none waits for the slowest. ``None``: by steps."""
+    round_samples: int | None = field(default=None, metadata=cli(metavar="N"))
+    """A round by samples (hivemind's ``target_batch_size``): the whole swarm's local work per round. Each
+    member works for ``round_samples`` / the swarm's measured samples/s (the sum of its members' compute rates),
+    at most ``round_seconds`` if that is set too and at most ``inner_steps`` steps. ``None``: by steps."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -162,10 +170,19 @@ class TrainConfig:
             raise ConfigError(f"max_failed_rounds must be an integer >= 1, got {self.max_failed_rounds}")
         if not (type(self.min_group) is int and type(self.max_group) is int and self.min_group >= 1):
             raise ConfigError(f"min_group and max_group must be integers, min_group >= 1, got {self.min_group}")
+        if self.round_seconds is not None:
+            _positive("round_seconds", self.round_seconds)
+        if self.round_samples is not None and not (type(self.round_samples) is int and self.round_samples >= 1):
+            raise ConfigError(f"round_samples must be an integer >= 1, got {self.round_samples}")
         if self.max_group and not self.min_group <= self.max_group:
             raise ConfigError(
                 f"max_group must be 0 (no limit) or >= min_group, got {self.max_group} < {self.min_group}"
             )
+
+    @property
+    def budgeted(self) -> bool:
+        """Rounds by time or samples (``inner_steps`` is then an upper bound), not by a fixed step count."""
+        return self.round_seconds is not None or self.round_samples is not None
 
     @property
     def resolved_codec(self) -> str:

@@ -91,6 +91,13 @@ class PeerRecord:
     sample: bytes | None = None
     """The parameters at fixed, seeded positions (float32, at most ``MAX_SAMPLE_BYTES``): readers compare the
     samples of peers at one round to estimate how far apart the swarm's copies of the model are."""
+    device: str | None = None
+    """Where a training peer computes and in what precision, e.g. ``cuda:0/bf16`` or ``cpu/fp32``."""
+    samples_per_s: float | None = None
+    """Samples per second of this peer's local work (compute only): members size rounds by samples with it."""
+    bandwidth: float | None = None
+    """This peer's measured data-plane throughput in MB/s (bytes it sent per second of its rounds' transfers);
+    the partition of a round gives it a shard in proportion."""
 
     kind = "peer"
 
@@ -125,6 +132,9 @@ _PEER_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
     "committed": ((int, type(None)), False),
     "failed": ((int, type(None)), False),
     "sample": ((bytes, type(None)), False),
+    "device": ((str, type(None)), False),
+    "samples_per_s": (_OPTIONAL_NUMBER, False),
+    "bandwidth": (_OPTIONAL_NUMBER, False),
 }
 MAX_SAMPLE_BYTES = 1024
 _HARDWARE_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
@@ -167,6 +177,11 @@ def parse_peer_record(obj: Any) -> PeerRecord:
     sample = fields.get("sample")
     if sample is not None and (len(sample) > MAX_SAMPLE_BYTES or len(sample) % 4):
         raise RecordError(f"peer record: sample must be at most {MAX_SAMPLE_BYTES} bytes of float32")
+    for name in ("samples_per_s", "bandwidth"):
+        if fields.get(name) is not None and fields[name] < 0:
+            raise RecordError(f"peer record: {name} is negative")
+    if fields.get("device") is not None and len(fields["device"]) > 32:
+        raise RecordError("peer record: device is too long")
     if fields.get("state_id") is not None and len(fields["state_id"]) > 64:
         raise RecordError("peer record: state_id is too long")
     addrs = fields["addrs"]

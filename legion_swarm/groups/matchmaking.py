@@ -99,6 +99,9 @@ class Retry:
     reason: str
     unreachable: str | None = None
     """The leader's peer id if it could not be reached at all (likely dead: look past it)."""
+    busy: bool = False
+    """The leader is alive and running the round we asked for without us (we were late): not a failure, ask
+    again when it is over."""
 
 
 Decision = Formed | Resync | Retry
@@ -159,6 +162,10 @@ class Matchmaker:
     async def start(self) -> None:
         await self.host.add_stream_handler(ROUND_PROTOCOL, self._handle)
 
+    def asked(self, round_: int) -> set[str]:
+        """Peer ids that have asked this peer (as the leader) for ``round_`` and are waiting for its answer."""
+        return {p.request.member.peer_id for p in self._pending.get(round_, ())}
+
     async def form(
         self, me: GroupMember, view: set[str], *, idle: bool = False, settled: set[str] | None = None
     ) -> Decision:
@@ -198,7 +205,8 @@ class Matchmaker:
             if status == "resync":
                 donors = tuple(str(d) for d in answer["donors"])[:64]
                 return Resync(int(answer["round"]), bytes(answer["state_id"]), donors)
-            return Retry(f"leader {short_peer_id(leader)}: {answer.get('reason', status)}")
+            reason = answer.get("reason", status)
+            return Retry(f"leader {short_peer_id(leader)}: {reason}", busy=answer.get("busy") is True)
         except (AssertionError, KeyError, TypeError, ValueError, LegionError) as e:
             logger.warning("%s malformed answer from leader %s: %r", self.tag, short_peer_id(leader), e)
             return Retry("malformed answer")
@@ -287,7 +295,7 @@ class Matchmaker:
         if request.round > round_ + 2:  # one round ahead is normal: the asker finished that round before us
             return {"status": "retry", "reason": f"this leader is at round {round_}, behind round {request.round}"}
         if request.round <= self._formed:  # too late for a round that is running: ask again once it is over
-            return {"status": "retry", "reason": f"round {request.round} is already running"}
+            return {"status": "retry", "reason": f"round {request.round} is already running", "busy": True}
         pending = _Pending(request)
         self._pending.setdefault(request.round, []).append(pending)
         self._arrived.setdefault(request.round, asyncio.Event()).set()

@@ -5,10 +5,12 @@ per phase (``_phase_<name>``), on whatever :class:`~legion_swarm.train.modes.Tra
 names (the loop knows no mode by its class):
 
 1. ``LOCAL_WORK``: the mode's local steps on batches of its leased data shard (one backward pass in ``sync``,
-   ``inner_steps`` AdamW steps in ``diloco``); none right after a re-sync in a mode that joins idle;
+   ``inner_steps`` AdamW steps in ``diloco``; in a round by time or samples, as many as fit in the round's
+   budget, at most that many); none right after a re-sync in a mode that joins idle;
 2. ``GROUP``: asks the round's leader for the group (:mod:`legion_swarm.groups.matchmaking`), telling it which
-   state it holds; if its state is not the leader's (new, returning, or declared faulty) it downloads the
-   swarm's state from donors (:mod:`legion_swarm.train.state_sync`) and goes back to ``LOCAL_WORK``;
+   state it holds; if its state is not the leader's (new, returning, late, or declared faulty) it downloads
+   the swarm's state from donors (:mod:`legion_swarm.train.state_sync`) and goes back to ``LOCAL_WORK``,
+   keeping the local work it did for the next round;
 3. ``HAND_OVER``: takes over the optimizer state of its new shard from the previous owners if the partition
    moved;
 4. ``SHARDED_STEP``: the mode's round, then ``COMMIT``, or ``FAILED`` if the round committed nothing;
@@ -17,6 +19,13 @@ names (the loop knows no mode by its class):
    failed rounds in a row stop training with a :class:`TrainingError` rather than spin;
 6. ``REPORT``: publishes progress (round, step, loss, tokens/s, bytes sent and received) with its next
    heartbeat; then the next round's ``LOCAL_WORK``, or ``DONE`` after ``rounds`` committed rounds.
+
+**Unequal peers.** In a round by time (``round_seconds``) or samples (``round_samples``), every member's local
+work ends at the same moment of the round's clock (which starts when the previous round ends, or when a late
+member learns it was late), whatever its speed: a fast GPU does many steps, a laptop few, each weighed by its
+samples. A leader whose whole view has asked stops its own local work, so a slow leader stalls nobody. A
+member that misses a round keeps its work and contributes it to the next one, and waiting for a round that is
+running without it is not a failure: only rounds that commit nothing count towards ``max_failed_rounds``.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +55,7 @@ from legion_swarm.peer import SwarmPeer
 from legion_swarm.train.checkpoint import Checkpoint
 from legion_swarm.train.compute import Compute
 from legion_swarm.train.data import ShardReader, TokenData, evaluate, load_tokens, val_batches
+from legion_swarm.train.device import Placement
 from legion_swarm.train.leases import LeaseConfig, ShardLeases
 from legion_swarm.train.metrics import sample_positions, take_sample
 from legion_swarm.train.model import build_model
@@ -72,6 +83,12 @@ class LoopConfig:
     """How often the member list is re-read from the DHT."""
     nice: int = 0
     """CPU priority of the model compute, 0 (normal) to 19 (only when idle); see :mod:`legion_swarm.train.compute`."""
+    device: str | torch.device = "auto"
+    """Where the model computes: ``auto`` (CUDA, then MPS, then the CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``."""
+    precision: str = "fp32"
+    """Of forward and backward passes: ``fp32``, ``bf16`` or ``fp16`` (autocast, float32 master weights)."""
+    speed: float = 1.0
+    """For experiments with unequal peers: throttle the compute to this fraction of its pace, in (0, 1]."""
     eval_every: int = 0
     """Evaluate the validation loss every this many rounds (0: only at the end)."""
     eval_batches: int = 8
@@ -99,6 +116,20 @@ class Progress:
     rounds_committed: int = 0
     rounds_failed: int = 0
     resyncs: int = 0
+    samples: int = 0
+    """Samples of local work this peer has contributed to committed rounds."""
+    samples_dropped: int = 0
+    """Samples of local work thrown away (a re-sync that could not keep it, a round declared faulty)."""
+    samples_per_s: float | None = None
+    """Of local work (compute only), smoothed over steps."""
+    compute_s: float = 0.0
+    """Seconds spent in local steps (forward, backward, inner optimizer) since the run started."""
+    bandwidth: float | None = None
+    """Measured data-plane throughput in MB/s, smoothed over rounds."""
+    waits: list[float] = field(default_factory=list)
+    """Seconds from asking for each round to its group being formed."""
+    group_sizes: list[int] = field(default_factory=list)
+    """Members of this peer's group in each round it took part in."""
     history: list[tuple[int, float]] = field(default_factory=list)
     """``(step, loss)`` after every round."""
     download: tuple[int, int] | None = None
@@ -116,15 +147,17 @@ class SwarmTrainer(StateSource):
         self.tag = f"[{peer.tag}]"
         self.data = data
         data.check_vocab(self.spec.model.vocab_size)
-        self.model = model
+        self.placement = Placement.of(config.device, config.precision)
+        self.model = model.to(self.placement.device)
         self.params = trainable(self.model)
         self.numel = sum(p.numel() for p in self.params)
         self._sample_at = sample_positions([p.numel() for p in self.params])
         self.collectives = Collectives(peer.plane, self.spec.collective_config(config.collective))
-        self.compute = Compute(nice=config.nice)
+        self.compute = Compute(nice=config.nice, speed=config.speed)
         self.mode: TrainingMode = create_mode(
-            self.spec.train.mode, self.model, self.collectives, self.spec.train, compute=self.compute
-        )
+            self.spec.train.mode, self.model, self.collectives, self.spec.train, compute=self.compute,
+            placement=self.placement,
+        )  # fmt: skip
         self.matchmaker = Matchmaker(
             peer.host, peer.swarm, window_s=config.window_s, timeout_s=config.request_timeout_s,
             grouping=self._grouping,
@@ -147,6 +180,11 @@ class SwarmTrainer(StateSource):
         self._work = _RoundWork()  # what this round's phases have done so far
         self._failed_in_a_row = 0  # rounds in a row that committed nothing
         self._tokens = 0  # tokens of local work since the run started
+        self._steps_pending = 0  # local steps not yet contributed to a round (kept across a late round)
+        self._clock = time.perf_counter()  # when this round's local work may start: the round clock's origin
+        self._step_s: float | None = None  # smoothed seconds per local step
+        self._bandwidth_ema = 0.0
+        self._rates: dict[str, float] = {}  # samples/s of the view's trainers' local work, from their records
         self.on_round: Callable[[SwarmTrainer], None] | None = None
         """Called after every round (e.g. to refresh a display); must not raise."""
         self.started_at = time.perf_counter()
@@ -166,7 +204,7 @@ class SwarmTrainer(StateSource):
         ttl = renew + 4 * peer.config.dht.wait_timeout_s + 2.0
         lease_config = LeaseConfig(num_shards=data.num_shards, renew_s=renew, ttl_s=ttl, settle_s=1.0)
         self.leases = await ShardLeases.create(peer.dht, peer.swarm, lease_config)
-        peer.membership.update(mode=self.spec.train.mode)  # type: ignore[union-attr]
+        peer.membership.update(mode=self.spec.train.mode, device=self.placement.label)  # type: ignore[union-attr]
         return self
 
     async def aclose(self) -> None:
@@ -179,6 +217,7 @@ class SwarmTrainer(StateSource):
         if ckpt.spec.digest() != self.spec.digest():
             raise SwarmConfigError("the checkpoint was made with another swarm config than this swarm's")
         self.mode.load_state(ckpt.flat)
+        self._steps_pending = 0
         self.round, self.state_id = ckpt.round, ckpt.state_id
         if ckpt.optimizer is not None:
             self.mode.optimizer.rebase(0, self.numel, [ckpt.optimizer])
@@ -203,7 +242,7 @@ class SwarmTrainer(StateSource):
         """Train until ``config.rounds`` rounds committed (or forever); returns the progress."""
         await self._initial_sync()
         self._failed_in_a_row = self._tokens = 0
-        self.started_at = time.perf_counter()
+        self.started_at = self._clock = time.perf_counter()
         handlers: dict[Phase, PhaseHandler] = {
             Phase.LOCAL_WORK: self._phase_local_work,
             Phase.GROUP: self._phase_group,
@@ -223,7 +262,8 @@ class SwarmTrainer(StateSource):
         return Phase.DONE
 
     async def _phase_local_work(self) -> Phase:
-        work = self._work = _RoundWork(idle=self._catching_up and self.mode.join_idle_after_resync)
+        idle = self._catching_up and self.mode.join_idle_after_resync and not self._steps_pending
+        work = self._work = _RoundWork(idle=idle)
         self._catching_up = False
         if not work.idle:
             work.loss, n_tokens = await self._local_work()
@@ -233,10 +273,12 @@ class SwarmTrainer(StateSource):
         return Phase.GROUP
 
     async def _phase_group(self) -> Phase:
+        asked = time.perf_counter()
         formed = await self._form_group(idle=self._work.idle)
-        if formed is None:  # re-synced: the local work was on an old state
+        if formed is None:  # re-synced: the local work (kept, if it could be) goes into the next round
             return Phase.LOCAL_WORK
         self._work.formed = formed
+        self.progress.waits.append(time.perf_counter() - asked)
         return Phase.HAND_OVER
 
     async def _phase_hand_over(self) -> Phase:
@@ -255,6 +297,8 @@ class SwarmTrainer(StateSource):
         work = self._work
         assert work.formed is not None
         work.outcome = await self.mode.round(work.formed.layout, handed=work.handed)
+        self._steps_pending = 0
+        self._clock = time.perf_counter()  # the next round's local work starts now, on every member
         return Phase.COMMIT if work.outcome.result.committed else Phase.FAILED
 
     async def _phase_commit(self) -> Phase:
@@ -283,9 +327,11 @@ class SwarmTrainer(StateSource):
         leader is unreachable or not there yet; raises after ``max_failed_rounds`` attempts in a row."""
         me = GroupMember(
             peer_id=self.peer.peer_id, direct=self.peer.plane.endpoint,  # type: ignore[union-attr]
-            maddrs=tuple(self.peer.maddrs),
+            maddrs=tuple(self.peer.maddrs), bandwidth=self.progress.bandwidth or 1.0,
         )  # fmt: skip
-        for attempt in range(1, self.spec.train.max_failed_rounds + 1):
+        attempt = busy = 0
+        busy_until = time.perf_counter() + self.collectives.config.round_timeout_s + self.config.request_timeout_s
+        while attempt < self.spec.train.max_failed_rounds:
             view = await self.view()
             if self._ahead:
                 await self._resync(self._ahead)
@@ -297,6 +343,12 @@ class SwarmTrainer(StateSource):
             if isinstance(decision, Resync):
                 await self._resync(list(decision.donors))
                 return None
+            if decision.busy and time.perf_counter() < busy_until:
+                # Late: the round runs without us. Not a failure; its result comes as a re-sync answer.
+                busy += 1
+                await asyncio.sleep(min(0.1 * 2**busy, 1.0))
+                continue
+            attempt += 1
             logger.info("%s round %d: %s", self.tag, self.round + 1, decision.reason)
             self.progress.rounds_failed += 1
             if decision.unreachable is not None:
@@ -311,26 +363,61 @@ class SwarmTrainer(StateSource):
         if failed_in_a_row >= self.spec.train.max_failed_rounds:
             raise TrainingError(f"{failed_in_a_row} rounds in a row failed; giving up")
 
-    async def _local_work(self) -> tuple[float, int]:
-        """Local passes over this peer's data; returns the mean loss and the tokens processed."""
+    async def _local_work(self) -> tuple[float | None, int]:
+        """Local passes over this peer's data; returns the mean loss (None if it took no step) and the tokens
+        processed."""
         started = time.perf_counter()
         try:
             return await self._local_steps()
         finally:
-            # A member that misses the leader's window must re-sync and loses its round's work, so the window
-            # grows with the work: in diloco, 20 steps on a busy machine drift apart by seconds.
-            took = time.perf_counter() - started
+            # A member that misses the leader's window is late for the round (its work waits for the next one),
+            # so the window grows with the work: in diloco, 20 steps on a busy machine drift apart by seconds.
+            took = time.perf_counter() - self._clock if self.spec.train.budgeted else time.perf_counter() - started
             self.matchmaker.window_s = max(self.config.window_s, took / 4)
 
-    async def _local_steps(self) -> tuple[float, int]:
-        steps = self.mode.local_steps
+    async def _local_steps(self) -> tuple[float | None, int]:
+        """Up to the mode's ``local_steps`` since the last contribution; in a round by time or samples, fewer if
+        the round's budget ends first (or, as the leader, when everyone in its view has asked)."""
+        deadline = self._deadline()
         losses = []
-        for _ in range(steps):
+        while self._steps_pending < self.mode.local_steps:
+            if deadline is not None and self._budget_spent(deadline):
+                break
             batch = await self._next_batch()
+            started = time.perf_counter()
             losses.append(await self.mode.local_step(batch))
+            took = time.perf_counter() - started
+            self.progress.compute_s += took
+            self._step_s = took if self._step_s is None else 0.8 * self._step_s + 0.2 * took
+            self.progress.samples_per_s = self.spec.data.batch_size / max(self._step_s, 1e-9)
             self.progress.step += 1
+            self._steps_pending += 1
         assert self.spec.model.seq_len is not None
-        return float(np.mean(losses)), steps * self.spec.data.batch_size * self.spec.model.seq_len
+        tokens = len(losses) * self.spec.data.batch_size * self.spec.model.seq_len
+        return (float(np.mean(losses)) if losses else None), tokens
+
+    def _deadline(self) -> float | None:
+        """When this round's local work ends on the round clock (``perf_counter``), or None for a round by steps
+        (or by samples before any member's compute rate is known)."""
+        train = self.spec.train
+        budgets = [] if train.round_seconds is None else [train.round_seconds]
+        if train.round_samples is not None:
+            rates = dict(self._rates)
+            if self.progress.samples_per_s is not None:
+                rates[self.peer.peer_id] = self.progress.samples_per_s
+            if rates:
+                budgets.append(train.round_samples / sum(rates.values()))
+        return self._clock + min(budgets) if budgets else None
+
+    def _budget_spent(self, deadline: float) -> bool:
+        """Stop stepping: the next step would end past the deadline by more than half of it (so on average the
+        work ends on time), or we lead the round and everyone in our view has asked for it. A member with no
+        work at all takes one step."""
+        if self._steps_pending == 0 and self.mode.samples == 0:
+            return False
+        if self._view and self._view <= self.matchmaker.asked(self.round + 1):
+            return True
+        return time.perf_counter() + (self._step_s or 0.0) / 2 >= deadline
 
     async def _next_batch(self) -> Batch:
         leases = self.leases
@@ -360,6 +447,7 @@ class SwarmTrainer(StateSource):
             self._suspects = {p: t for p, t in self._suspects.items() if any(r.peer_id == p for r in trainers)}
             trainers = [r for r in trainers if r.sent_at > self._suspects.get(r.peer_id, float("-inf"))]
             self._view = {r.peer_id for r in trainers if r.round is not None and r.peer_id != self.peer.peer_id}
+            self._rates = {r.peer_id: r.samples_per_s for r in trainers if r.peer_id in self._view and r.samples_per_s}
             self._settled = {r.peer_id for r in trainers if r.peer_id in self._view and r.committed}
             self._ahead = [r.peer_id for r in trainers if r.round is not None and r.round > self.round]
             self._view_at = loop.time()
@@ -393,6 +481,7 @@ class SwarmTrainer(StateSource):
         donors = [d for d in donors if d != self.peer.peer_id]
         if not donors:
             raise TrainingError("told to re-sync, but no donor was named")
+        told_at = time.perf_counter()  # about when the swarm's next round started (we were told at its end)
 
         def progress(done: int, total: int) -> None:
             self.progress.download = (done, total)
@@ -412,7 +501,14 @@ class SwarmTrainer(StateSource):
         finally:
             self.progress.download = None
         self._failed_syncs = 0
-        self.mode.load_state(got.flat)
+        # Work done since our last round goes into the swarm's next one, unless the swarm has moved on by more
+        # than a round or two since (then it is too stale to help).
+        keep = self._steps_pending > 0 and got.meta.round <= self.round + 2
+        if not keep:
+            self.progress.samples_dropped += self.mode.samples
+            self._steps_pending = 0
+        self.mode.load_state(got.flat, keep_work=keep)
+        self._clock = told_at
         self.round, self.state_id, self.owners = got.meta.round, got.meta.state_id, got.meta.owners
         self.matchmaker.state = (self.round, self.state_id)
         self.matchmaker.donors = got.donors
@@ -420,7 +516,8 @@ class SwarmTrainer(StateSource):
         self._view_at = 0.0
         self.progress.resyncs += 1
         self._catching_up = True
-        logger.info("%s now at round %d (downloaded from %d donors)", self.tag, self.round, len(got.donors))
+        logger.info("%s now at round %d (downloaded from %d donors%s)", self.tag, self.round, len(got.donors),
+                    f"; keeping {self.mode.samples} samples of local work" if keep else "")  # fmt: skip
         return True
 
     async def _grouping(self, peer_ids: list[str]) -> list[list[str]]:
@@ -450,9 +547,26 @@ class SwarmTrainer(StateSource):
             self._ahead = [d for d in self.matchmaker.donors if d != self.peer.peer_id]
         self.progress.bytes_sent += outcome.bytes_sent
         self.progress.bytes_received += outcome.bytes_received
+        if result.committed:
+            self.progress.samples += outcome.samples
+        self._measure_bandwidth(result)
         self.progress.group_size = group.size
+        self.progress.group_sizes.append(group.size)
         self.progress.groups = len(layout.groups)
         self.progress.group = _group_label(group)
+
+    def _measure_bandwidth(self, result: RoundResult) -> None:
+        """This peer's throughput in MB/s from the round's bytes and transfer time (the owner's arithmetic left
+        out), smoothed, and rounded to a power of 2**0.5 so that the partition, sized by it, does not move (and
+        hand optimizer state over) every round for noise."""
+        t = result.timings
+        if "all_gather" not in t or "reduce_scatter" not in t or result.bytes_sent < 1 << 16:
+            return
+        transfer = t["all_gather"] - (t.get("update", t["reduce_scatter"]) - t["reduce_scatter"])
+        rate = result.bytes_sent / max(transfer, 1e-3) / 1e6
+        old = self.progress.bandwidth
+        self._bandwidth_ema = rate if old is None else 0.7 * self._bandwidth_ema + 0.3 * rate
+        self.progress.bandwidth = 2 ** (round(2 * math.log2(max(self._bandwidth_ema, 1e-3))) / 2)
 
     def _next_state_id(self, layout: Layout) -> bytes:
         """The id of the state after a round: a hash of the previous id, the round's layout and the state's bytes.
@@ -484,7 +598,8 @@ class SwarmTrainer(StateSource):
             round=self.round, step=p.step, loss=p.loss, tokens_per_s=p.tokens_per_s, bytes_sent=p.bytes_sent,
             bytes_received=p.bytes_received, mode=self.spec.train.mode, group=p.group,
             state_id=self.state_id.hex()[:16], committed=p.rounds_committed, failed=p.rounds_failed,
-            sample=take_sample(self.mode.state_tensors(), self._sample_at),
+            sample=take_sample(self.mode.state_tensors(), self._sample_at), samples_per_s=p.samples_per_s,
+            bandwidth=p.bandwidth,
         )  # fmt: skip
 
     async def evaluate(self) -> float:

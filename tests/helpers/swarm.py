@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from legion_swarm.config import DHTConfig, HostConfig, MembershipConfig, PeerConfig
 from legion_swarm.peer import SwarmPeer
+from legion_swarm.sim import PeerProcess
 from tests.helpers.polling import eventually
 
 # Small and fast on 2 cores: TinyGPT-tiny on the synthetic language, short rounds.
@@ -49,3 +50,13 @@ async def observer(maddr: str, swarm: str | None = None) -> AsyncIterator[SwarmP
         yield peer
     finally:
         await peer.aclose()
+
+
+async def trained(peers: list[PeerProcess], *, timeout: float) -> list[dict]:
+    """The training summaries of ``peers`` once every one has printed its own (see :meth:`PeerProcess.trained`)."""
+
+    async def all_trained() -> list[dict] | None:
+        summaries = [p.trained() for p in peers]
+        return None if any(s is None for s in summaries) else summaries  # type: ignore[return-value]
+
+    return await eventually(all_trained, timeout=timeout, interval=0.5)

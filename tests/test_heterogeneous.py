@@ -1,0 +1,44 @@
+"""Unequal peers with real processes: three peers whose compute is throttled to 1, 0.5 and 0.25 of its pace
+train in rounds by time. None is sent to re-sync or exits for being slow, no work is thrown away, every round
+commits with all three, and each contributes samples in proportion to its speed.
+
+"Its speed" is each peer's own measured compute rate (samples per second of local steps): on a shared 2-core
+machine the throttled peers also wait for cores, unequally, so the nominal 1 : 0.5 : 0.25 is only roughly what
+they compute. ``benchmarks/bench_heterogeneous.py`` reports the samples against the nominal speeds."""
+
+from __future__ import annotations
+
+import pytest
+
+from legion_swarm.sim import LocalSwarm
+from tests.helpers.swarm import FAST, trained
+
+pytestmark = [pytest.mark.usefixtures("real_processes"), pytest.mark.timeout(400)]
+
+SPEEDS = (1.0, 0.5, 0.25)
+
+
+async def test_peers_of_unequal_speed_train_together_each_at_its_own_pace() -> None:
+    rounds, budget = 6, 4.0
+    spec = ("--mode", "diloco", "--train-round-seconds", str(budget), "--inner-steps", "1000", *FAST)
+    async with await LocalSwarm.create(
+        len(SPEEDS), swarm="unequal", bootstrap_args=spec, peer_args=("--rounds", str(rounds), "--threads", "1"),
+        per_peer_args=[("--speed", str(s)) for s in SPEEDS],
+    ) as swarm:  # fmt: skip
+        by_name = sorted(swarm.peers, key=lambda p: p.name)  # peer i got SPEEDS[i]
+        summaries = await trained(by_name, timeout=300)
+        codes = [await p.wait(60) for p in by_name]
+    assert codes == [0, 0, 0]
+    for s in summaries:
+        assert s["rounds_committed"] == rounds and s["rounds_failed"] == 0, s
+        assert s["samples_dropped"] == 0, s  # nothing thrown away
+        # Every round after the first (whose start the peers' start-up skews) has all three members.
+        assert s["group_sizes"][1:] == [3] * (len(s["group_sizes"]) - 1), s
+    assert len({s["val_loss"] for s in summaries}) == 1  # one state
+    rates = [s["steps"] / s["compute_s"] for s in summaries]
+    assert rates[0] > rates[1] > rates[2], rates  # the throttle is real
+    # Each contributed what its own pace gives in the rounds' time: samples / rate equal within 20 %.
+    seconds = [s["samples"] / (r * 4) for s, r in zip(summaries, rates, strict=True)]  # FAST: batch size 4
+    mean = sum(seconds) / len(seconds)
+    assert all(abs(x - mean) <= 0.2 * mean for x in seconds), (seconds, rates)
+    assert mean >= 0.5 * rounds * budget, seconds  # and they computed for most of the rounds' budgets
