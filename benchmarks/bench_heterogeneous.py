@@ -8,9 +8,11 @@ Three parts, one after the other on this machine:
    ``--solo-seconds``. Their tokens/s summed is what the volunteers' hardware could compute together.
 2. **Heterogeneous swarm**: ``LocalSwarm`` with one peer per speed (``--speed`` throttles its compute thread for
    real), ``diloco`` rounds by time (``--train-round-seconds``, inner steps capped high), ``--rounds`` rounds.
-   Swarm tokens/s = the samples each peer contributed to committed rounds x seq_len / its training seconds,
-   summed. Work thrown away = samples a re-sync dropped. The fastest member's wait: seconds from asking for a
-   round to the group being formed (median over rounds, and how many rounds it waited over half a second).
+   Swarm tokens/s = the samples each peer contributed to committed rounds x seq_len / its training seconds
+   (from its first round's start to its last round's end), summed; compute utilisation = each peer's seconds
+   in local steps over those seconds. Work thrown away = samples a re-sync dropped. The fastest member's wait:
+   seconds from asking for a round to the group being formed (median over rounds, and how many rounds it
+   waited over half a second).
 3. **Homogeneous swarm**: as many peers, all at full speed, in rounds by steps: the same rounds, with the inner
    steps that make its total tokens equal the heterogeneous swarm's. Its final validation loss is the anchor.
 
@@ -151,7 +153,9 @@ def swarm_numbers(summaries: list[dict], seq_len: int, batch: int) -> dict[str, 
     return {
         "val_loss": round(statistics.fmean(s["val_loss"] for s in summaries), 5),
         "tokens": sum(tokens),
-        "tokens_per_s": round(sum(t / s["seconds"] for t, s in zip(tokens, summaries, strict=True)), 1),
+        "tokens_per_s": round(sum(t / s["train_s"] for t, s in zip(tokens, summaries, strict=True)), 1),
+        "train_s_per_peer": [s["train_s"] for s in summaries],
+        "compute_utilisation_per_peer": [round(s["compute_s"] / s["train_s"], 3) for s in summaries],
         "samples_per_peer": [s["samples"] for s in summaries],
         "samples_dropped": sum(s["samples_dropped"] for s in summaries),
         "rounds_committed": [s["rounds_committed"] for s in summaries],

@@ -24,6 +24,7 @@ from legion_swarm.train.device import (
     forward_backward,
     resolve_device,
 )
+from legion_swarm.train.loop import round_budget_s
 from legion_swarm.train.modes import DiLoCoMode, SyncMode, trainable
 from tests.helpers.collectives import FAST, planes
 from tests.helpers.training import TinyLM, batches, flat
@@ -210,3 +211,19 @@ async def test_compute_speed_throttles_the_thread_for_real() -> None:
         compute.close()
     with pytest.raises(ValueError, match="speed"):
         Compute(speed=0)
+
+
+def test_a_round_budget_is_its_seconds_or_the_swarms_samples_over_its_rates() -> None:
+    by_steps = TrainConfig()
+    assert round_budget_s(by_steps, [10.0, 20.0]) is None
+    assert round_budget_s(TrainConfig(round_seconds=5.0), []) == 5.0
+    by_samples = TrainConfig(round_samples=300)
+    assert round_budget_s(by_samples, []) is None  # no rate known yet: inner_steps steps this round
+    assert round_budget_s(by_samples, [10.0, 20.0, 0.0]) == 10.0  # 300 samples at 30 samples/s
+    both = TrainConfig(round_samples=300, round_seconds=4.0)
+    assert round_budget_s(both, [10.0, 20.0]) == 4.0
+    assert round_budget_s(both, [100.0, 200.0]) == 1.0
+    with pytest.raises(ConfigError, match="round_samples"):
+        TrainConfig(round_samples=0)
+    with pytest.raises(ConfigError, match="round_seconds"):
+        TrainConfig(round_seconds=-1.0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from legion_swarm.sim import LocalSwarm
+from legion_swarm.transport.identity import Identity
 from tests.helpers.swarm import FAST, trained
 
 pytestmark = [pytest.mark.usefixtures("real_processes"), pytest.mark.timeout(400)]
@@ -42,3 +43,38 @@ async def test_peers_of_unequal_speed_train_together_each_at_its_own_pace() -> N
     mean = sum(seconds) / len(seconds)
     assert all(abs(x - mean) <= 0.2 * mean for x in seconds), (seconds, rates)
     assert mean >= 0.5 * rounds * budget, seconds  # and they computed for most of the rounds' budgets
+
+
+async def test_a_member_too_slow_for_fixed_rounds_keeps_its_work_and_never_exits(tmp_path) -> None:
+    """Rounds by steps, one peer 5x slower: it misses rounds (the others' leader does not wait that long), is
+    told so, moves its work onto the new state and contributes it to the next round (its work is ~4 rounds
+    old by then, within ``max_staleness``). It never exits, and on
+    every peer each sample computed went into a committed round: nothing thrown away, nothing done twice. (The
+    fast peers train more rounds, so that the slow one always has company.)"""
+    slow_rounds, fast_rounds = 2, 14
+    spec = ("--mode", "diloco", "--inner-steps", "40", *FAST)
+    # The slow peer gets the largest peer id, so it never leads a round (a slow leader in rounds by steps makes
+    # everyone wait for it, which is the other case: nobody is late then).
+    keys = sorted((Identity.generate() for _ in range(3)), key=lambda i: i.peer_id)
+    paths = [str(tmp_path / f"peer{i}.key") for i in range(3)]
+    for identity, path in zip(keys, paths, strict=True):
+        identity.save(path)
+    fast = ("--rounds", str(fast_rounds))
+    async with await LocalSwarm.create(
+        3, swarm="slowpoke", bootstrap_args=spec, peer_args=("--rounds", str(slow_rounds), "--threads", "1"),
+        per_peer_args=[(*fast, "--identity", paths[0]), (*fast, "--identity", paths[1]),
+                       ("--speed", "0.2", "--identity", paths[2])],
+    ) as swarm:  # fmt: skip
+        by_name = sorted(swarm.peers, key=lambda p: p.name)
+        summaries = await trained(by_name, timeout=300)
+        codes = [await p.wait(60) for p in by_name]
+        slow_log = by_name[2].tail(400)
+        logs = [p.tail(400) for p in by_name]
+    assert codes == [0, 0, 0]
+    assert [s["rounds_committed"] for s in summaries] == [fast_rounds, fast_rounds, slow_rounds]
+    for s in summaries:
+        assert s["samples_dropped"] == 0 and s["samples"] == s["steps"] * 4, (s, logs)  # FAST: batch size 4
+    slow = summaries[2]
+    assert slow["resyncs"] >= 1, slow  # it was late at least once...
+    assert "samples of local work" in slow_log  # ...kept its work ("keeping N samples of local work")...
+    assert all(size == 3 for size in slow["group_sizes"]), slow  # ...and contributed it with the others

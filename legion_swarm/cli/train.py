@@ -115,7 +115,8 @@ def summary_json(trainer: Any, seconds: float) -> str:
         "val_loss": p.val_loss, "tokens_per_s": p.tokens_per_s, "bytes_sent": p.bytes_sent,
         "bytes_received": p.bytes_received, "resyncs": p.resyncs, "seconds": round(seconds, 2),
         "device": trainer.placement.label, "samples": p.samples, "samples_dropped": p.samples_dropped,
-        "samples_per_s": p.samples_per_s, "compute_s": round(p.compute_s, 3), "bandwidth_mb_s": p.bandwidth,
+        "samples_per_s": p.samples_per_s, "compute_s": round(p.compute_s, 3),
+        "train_s": round(p.train_s, 3), "bandwidth_mb_s": p.bandwidth,
         "waits": [round(w, 3) for w in p.waits], "group_sizes": p.group_sizes,
         "numel": trainer.numel, "history": [[step, round(loss, 5)] for step, loss in p.history],
     })  # fmt: skip

@@ -143,6 +143,10 @@ class TrainConfig:
     """A round by time: every member does as many local steps as fit in this many seconds (at most
     ``inner_steps``; in ``sync``, batches whose gradients it accumulates) and contributes with a weight equal to
     its samples, so peers of any speed arrive together and none waits for the slowest. ``None``: by steps."""
+    max_staleness: int = 8
+    """A member that arrives late keeps its local work and contributes it to its next round if the swarm has
+    moved at most this many rounds past the state that work started from; older work is dropped (counted as
+    thrown away). 0: always drop late work."""
     round_samples: int | None = field(default=None, metadata=cli(metavar="N"))
     """A round by samples (hivemind's ``target_batch_size``): the whole swarm's local work per round. Each
     member works for ``round_samples`` / the swarm's measured samples/s (the sum of its members' compute rates),
@@ -172,6 +176,8 @@ class TrainConfig:
             raise ConfigError(f"min_group and max_group must be integers, min_group >= 1, got {self.min_group}")
         if self.round_seconds is not None:
             _positive("round_seconds", self.round_seconds)
+        if not (type(self.max_staleness) is int and self.max_staleness >= 0):
+            raise ConfigError(f"max_staleness must be an integer >= 0, got {self.max_staleness}")
         if self.round_samples is not None and not (type(self.round_samples) is int and self.round_samples >= 1):
             raise ConfigError(f"round_samples must be an integer >= 1, got {self.round_samples}")
         if self.max_group and not self.min_group <= self.max_group:

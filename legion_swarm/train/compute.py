@@ -42,9 +42,11 @@ class Compute:
             1, thread_name_prefix="compute", initializer=_lower_priority, initargs=(nice,)
         )
 
-    async def run(self, fn: Callable[..., T], *args: object) -> T:
+    async def run(self, fn: Callable[..., T], *args: object, throttled: bool = True) -> T:
+        """``fn(*args)`` on the compute thread; ``throttled=False`` exempts it from ``speed`` (copies between the
+        device and the host, which a slower chip does not slow down as it slows its arithmetic)."""
         call = functools.partial(fn, *args)
-        if self.speed < 1:
+        if self.speed < 1 and throttled:
             call = functools.partial(_throttled, call, 1 / self.speed - 1)
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 

@@ -35,7 +35,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import msgpack
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from legion_swarm.collectives import Collectives, RoundResult
-from legion_swarm.config import CollectiveConfig
+from legion_swarm.config import CollectiveConfig, TrainConfig
 from legion_swarm.dht.node import dht_time
 from legion_swarm.dht.records import PeerRecord
 from legion_swarm.errors import SwarmConfigError, TrainingError
@@ -124,6 +124,8 @@ class Progress:
     """Of local work (compute only), smoothed over steps."""
     compute_s: float = 0.0
     """Seconds spent in local steps (forward, backward, inner optimizer) since the run started."""
+    train_s: float = 0.0
+    """Seconds from the run's start to the end of its last round (what ``tokens_per_s`` divides by)."""
     bandwidth: float | None = None
     """Measured data-plane throughput in MB/s, smoothed over rounds."""
     waits: list[float] = field(default_factory=list)
@@ -314,7 +316,7 @@ class SwarmTrainer(StateSource):
 
     async def _phase_report(self) -> Phase:
         assert self._work.outcome is not None
-        elapsed = time.perf_counter() - self.started_at
+        elapsed = self.progress.train_s = time.perf_counter() - self.started_at
         self._report(self._work.outcome.result, self._work.loss, self._tokens / max(elapsed, 1e-9))
         if self.config.eval_every and self.progress.rounds_committed % self.config.eval_every == 0:
             self.progress.val_loss = await self.evaluate()
@@ -399,15 +401,11 @@ class SwarmTrainer(StateSource):
     def _deadline(self) -> float | None:
         """When this round's local work ends on the round clock (``perf_counter``), or None for a round by steps
         (or by samples before any member's compute rate is known)."""
-        train = self.spec.train
-        budgets = [] if train.round_seconds is None else [train.round_seconds]
-        if train.round_samples is not None:
-            rates = dict(self._rates)
-            if self.progress.samples_per_s is not None:
-                rates[self.peer.peer_id] = self.progress.samples_per_s
-            if rates:
-                budgets.append(train.round_samples / sum(rates.values()))
-        return self._clock + min(budgets) if budgets else None
+        rates = dict(self._rates)
+        if self.progress.samples_per_s is not None:
+            rates[self.peer.peer_id] = self.progress.samples_per_s
+        budget = round_budget_s(self.spec.train, rates.values())
+        return None if budget is None else self._clock + budget
 
     def _budget_spent(self, deadline: float) -> bool:
         """Stop stepping: the next step would end past the deadline by more than half of it (so on average the
@@ -502,8 +500,8 @@ class SwarmTrainer(StateSource):
             self.progress.download = None
         self._failed_syncs = 0
         # Work done since our last round goes into the swarm's next one, unless the swarm has moved on by more
-        # than a round or two since (then it is too stale to help).
-        keep = self._steps_pending > 0 and got.meta.round <= self.round + 2
+        # than max_staleness rounds since (then it is too stale to help).
+        keep = self._steps_pending > 0 and got.meta.round - self.round <= self.spec.train.max_staleness
         if not keep:
             self.progress.samples_dropped += self.mode.samples
             self._steps_pending = 0
@@ -624,6 +622,17 @@ class _RoundWork:
     """Optimizer state of this member's new shard, from its previous owners (``HAND_OVER``)."""
     outcome: RoundOutcome | None = None
     """What the ``SHARDED_STEP`` did."""
+
+
+def round_budget_s(train: TrainConfig, rates: Iterable[float]) -> float | None:
+    """Seconds of local work per round: ``round_seconds``, or ``round_samples`` over the swarm's summed compute
+    rates (samples/s of the members in view, this one included), whichever is shorter; None in a round by
+    steps, or by samples while no rate is known (then ``inner_steps`` steps)."""
+    budgets = [] if train.round_seconds is None else [train.round_seconds]
+    total = sum(r for r in rates if r > 0)
+    if train.round_samples is not None and total > 0:
+        budgets.append(train.round_samples / total)
+    return min(budgets) if budgets else None
 
 
 def _initial_state_id(signed: SignedSpec) -> bytes:

@@ -187,9 +187,10 @@ class _ShardedMode:
         self.column_results: list[RoundResult] = []
         """Results of the column rounds this peer took part in (hierarchical rounds; the caller may clear it)."""
 
-    async def _offload(self, fn: Callable[..., T], *args: object) -> T:
+    async def _offload(self, fn: Callable[..., T], *args: object, transfer: bool = False) -> T:
+        """``fn(*args)`` on the compute thread; ``transfer``: a device-to-host copy, never throttled."""
         if self.compute is not None:
-            return await self.compute.run(fn, *args)
+            return await self.compute.run(fn, *args, throttled=not transfer)
         return await asyncio.to_thread(fn, *args)
 
     @property
@@ -348,7 +349,7 @@ class SyncMode(_ShardedMode):
         self, group: GroupInfo | Layout, *, handed: Sequence[StateSlice] = (), faults: FaultPlan | None = None
     ) -> RoundOutcome:
         """Average the gradients of :meth:`backward` across ``group`` and step."""
-        grads, samples = await self._offload(self._host_gradients)
+        grads, samples = await self._offload(self._host_gradients, transfer=True)
         outcome = await self._sharded_round(group, grads, self.master, samples, handed, faults)
         self._set_params()
         self.model.zero_grad(set_to_none=False)
@@ -455,7 +456,7 @@ class DiLoCoMode(_ShardedMode):
     ) -> RoundOutcome:
         """Average how far each member moved since the anchor; the owners' Nesterov step moves the anchor;
         everyone continues from the new anchor."""
-        pseudo = await self._offload(self._pseudo_gradient)
+        pseudo = await self._offload(self._pseudo_gradient, transfer=True)
         outcome = await self._sharded_round(group, pseudo, self.anchor, self.samples, handed, faults)
         self._set_params()
         self.samples = self.inner_steps = 0
