@@ -96,7 +96,7 @@ class SparseCodec(Codec):
     def __init__(self, density: float = 0.02, bits: int = 2, block: int = DEFAULT_BLOCK) -> None:
         if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
             raise ConfigError(f"sparse density must be in (0, 1], got {density!r}")
-        if isinstance(bits, bool) or bits not in BITS:
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
             raise ConfigError(f"sparse bits must be 2 or 4, got {bits!r}")
         if isinstance(block, bool) or not isinstance(block, int):
             raise ConfigError(f"sparse block size must be an integer, got {block!r}")
