@@ -158,7 +158,7 @@ def test_error_feedback_carries_what_is_not_sent_and_tracks_the_sum_of_inputs() 
     sum_in = {key: torch.zeros(n, dtype=torch.float64) for key in keys}
     sum_out = {key: torch.zeros(n, dtype=torch.float64) for key in keys}
     norms, gaps = [], []
-    for r in range(rounds):
+    for _ in range(rounds):
         for key in keys:
             x = signal[key] + 0.5 * torch.randn(n, generator=gen)
             before = x + (ef.residual(key) if ef.residual(key) is not None else 0)
@@ -282,7 +282,8 @@ def test_fuzz_malformed_messages_always_codec_error() -> None:
             hdr = _params(header, **rng.choice(BAD_PARAMS))
             if rng.random() < 0.2:  # or a parameter missing
                 missing = rng.choice(["k", "block", "bits"])
-                hdr = _header(header, params={k: v for k, v in msgpack.unpackb(header)["params"].items() if k != missing})
+                params = msgpack.unpackb(header)["params"]
+                hdr = _header(header, params={k: v for k, v in params.items() if k != missing})
         elif kind == "truncated":
             j = rng.randrange(2)
             if not bufs[j]:

@@ -44,7 +44,9 @@ wrong: each offset within its block and strictly increasing there, and every sca
 
 Speed: blocks are selected and quantised in chunks of about a million elements (whole blocks, one
 ``torch.topk`` per chunk along its rows), so the ``|x|`` temporary stays in cache; decoding touches only the
-``K`` kept entries and zeroes the rest.
+``K`` kept entries and zeroes the rest. Measured on one core at the defaults: encode ~0.35 GB/s of float32
+(``torch.topk`` along the rows is ~85 % of it; ``topk``'s sampled selection does not apply to 4096-element
+rows), decode ~13 GB/s.
 """
 
 from __future__ import annotations
