@@ -30,7 +30,7 @@ import torch
 
 from legion_swarm.codecs import available_codecs, decode, from_wire, get_codec, to_wire
 
-ORDER = ("none", "fp16", "bf16", "int8", "int4", "topk")
+ORDER = ("none", "fp16", "bf16", "int8", "int4", "topk", "sparse")
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:

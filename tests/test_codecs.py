@@ -21,6 +21,7 @@ from legion_swarm.codecs import (
     CodecError,
     Encoded,
     ErrorFeedback,
+    SparseCodec,
     TopKCodec,
     available_codecs,
     decode,
@@ -75,6 +76,18 @@ def declared_bound(name: str, x: torch.Tensor, opts: dict) -> np.ndarray:
     if name == "topk":  # exact where kept; the rest decodes to 0, which never exceeds the k-th largest |x|
         k = TopKCodec(**opts).k_for(len(a))
         return np.full_like(a, np.sort(a)[-k] if k else 0.0)
+    if name == "sparse":  # per block: the top-k within half a step of the block's absmax; the rest decodes to 0
+        block, m, k = opts["block"], 2 ** (opts["bits"] - 1), SparseCodec(**opts).k
+        bound = a.copy()
+        for start in range(0, len(a), block):
+            seg = a[start : start + block]
+            kept = k if len(seg) == block else -(-k * len(seg) // block)
+            threshold = np.sort(seg)[-kept]
+            limit = seg.max() * (0.5 / m + 2.0**-20) + 2.0**-140
+            # A tie at the threshold may be kept or dropped: either bound holds there.
+            tie = np.maximum(limit, seg)
+            bound[start : start + block] = np.where(seg > threshold, limit, np.where(seg < threshold, seg, tie))
+        return bound
     raise AssertionError(name)
 
 
@@ -158,7 +171,7 @@ def test_quant_near_float32_max_encodes_finite_or_refuses() -> None:
 
 
 def test_registry_and_options() -> None:
-    assert set(available_codecs()) == {"none", "fp16", "bf16", "int8", "int4", "topk"}
+    assert set(available_codecs()) == {"none", "fp16", "bf16", "int8", "int4", "topk", "sparse"}
     with pytest.raises(ConfigError, match="unknown codec"):
         get_codec("zstd")
     for name, opts in [
@@ -168,6 +181,9 @@ def test_registry_and_options() -> None:
         ("topk", {"fraction": 0}),
         ("topk", {"fraction": 1.5}),
         ("topk", {"values": "fp8"}),
+        ("sparse", {"density": 0}),
+        ("sparse", {"bits": 3}),
+        ("sparse", {"bits": 4, "block": 8192}),
         ("fp16", {"block": 256}),
     ]:
         with pytest.raises(ConfigError):
@@ -387,6 +403,21 @@ def corrupt_content(enc: Encoded, rng: random.Random) -> list[bytes]:
             arrays[0][i // 2] &= 0x0F  # high nibble 0
         else:
             scales[:] = np.nan
+    elif enc.codec == "sparse":  # words: offset | code << 14 (bits 2), one per kept entry, block by block
+        words, scales = arrays
+        unsigned = words.astype(np.int64) & 0xFFFF
+        choice = rng.randrange(4)
+        if choice == 0:  # the last entry's offset one past its block's end
+            block, k = enc.params["block"], enc.params["k"]
+            last = (len(words) - 1) // k
+            end = min(block, enc.numel - last * block)
+            words[-1] = np.int16(np.uint16(end | (unsigned[-1] & ~0x3FFF)).view(np.int16))
+        elif choice == 1 and enc.numel >= 64:
+            words[1] = words[0]  # a duplicate within the first block
+        elif choice == 2 and enc.numel >= 64:
+            words[0], words[1] = words[1], words[0]  # unsorted
+        else:
+            scales[rng.randrange(len(scales))] = rng.choice([np.nan, np.inf, -1.0, 3e38])
     elif enc.codec == "topk":
         idx, values = arrays
         choice = rng.randrange(5)
@@ -424,8 +455,8 @@ def test_fuzz_malformed_messages_always_codec_error() -> None:
             bufs = bufs[:-1] if rng.random() < 0.5 else [*bufs, b"\0" * 4]
         elif kind == 3:  # one header field changed
             edit = rng.choice(HEADER_EDITS)
-            if enc.codec == "topk" and edit in NUMEL_GROWS:
-                edit = HEADER_EDITS[-1]  # a larger numel keeps top-k indices in range: still valid
+            if enc.codec in ("topk", "sparse") and edit in NUMEL_GROWS:
+                edit = HEADER_EDITS[-1]  # a larger numel keeps (top-k, sparse) indices in range: still valid
             hdr = _edit_header(header, edit)
         elif kind == 4:  # garbage header
             hdr = rng.randbytes(rng.randrange(0, 200))
@@ -526,7 +557,7 @@ def test_finite_values_whose_squares_overflow_are_still_accepted() -> None:
     assert torch.equal(none.decode(from_wire(header, [bytearray(b) for b in buffers], numel=3)), x)
 
 
-@pytest.mark.parametrize("name", ["fp16", "int8", "topk"])
+@pytest.mark.parametrize("name", ["fp16", "int8", "topk", "sparse"])
 def test_error_feedback_reuses_its_buffers_across_encodes(name: str) -> None:
     ef = ErrorFeedback(get_codec(name, **CODEC_OPTS.get(name, {})))
     gen = torch.Generator().manual_seed(7)

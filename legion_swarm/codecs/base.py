@@ -58,6 +58,7 @@ _DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
     "bfloat16": (torch.bfloat16, np.dtype("<i2")),  # numpy has no bfloat16: read as int16, view in torch
     "int8": (torch.int8, np.dtype("i1")),
     "uint8": (torch.uint8, np.dtype("u1")),
+    "int16": (torch.int16, np.dtype("<i2")),
     "int32": (torch.int32, np.dtype("<i4")),
 }
 _DTYPE_NAMES = {torch_dtype: name for name, (torch_dtype, _) in _DTYPES.items()}

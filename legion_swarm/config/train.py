@@ -10,7 +10,7 @@ from legion_swarm.config.flags import cli
 from legion_swarm.config.peer import _positive
 from legion_swarm.errors import ConfigError
 
-CODECS = ("none", "fp16", "bf16", "int8", "int4", "topk")
+CODECS = ("none", "fp16", "bf16", "int8", "int4", "topk", "sparse")
 """Codec names (mirrors :func:`legion_swarm.codecs.available_codecs`, which needs torch; a test keeps them equal)."""
 PLANES = ("auto", "direct", "libp2p")
 
@@ -29,13 +29,19 @@ class CollectiveConfig:
 
     # Not a flag: the swarm's codec is the train section's ``codec`` (``--compress``); the trainer sets it here.
     codec: str = field(default="none", metadata=cli(None))
-    """Codec of the reduce-scatter contributions: none, fp16, bf16, int8, int4 or topk (with error feedback)."""
+    """Codec of the reduce-scatter contributions: none, fp16, bf16, int8, int4, or topk or sparse (both with
+    error feedback)."""
     gather_codec: str | None = field(default=None, metadata=cli(choices=CODECS))
-    """Codec of the all-gathered results; ``None``: the same as ``codec``, except ``none`` after ``topk``."""
+    """Codec of the all-gathered results; ``None``: the same as ``codec``, except ``none`` after ``topk`` and
+    ``int8`` after ``sparse``. Never ``topk`` or ``sparse``: a result's unselected values would be lost."""
     quant_block: int | None = None
     """Elements per absmax block for int8 / int4 (a multiple of 8); ``None``: the codec's default (256 / 128)."""
     topk_fraction: float = 0.01
     """Fraction of the elements that ``topk`` sends per chunk."""
+    sparse_density: float = 0.02
+    """Fraction of the elements that ``sparse`` keeps, per block of 4096 (the largest in magnitude)."""
+    sparse_bits: int = 2
+    """Bits per value ``sparse`` sends (2 or 4): a symmetric grid on each block's largest magnitude."""
     chunk_elems: int = 1 << 20
     """Elements per chunk: encoding, sending, receiving and reducing overlap at this granularity."""
     plane: str = field(default="auto", metadata=cli(choices=PLANES))
@@ -58,12 +64,19 @@ class CollectiveConfig:
         for name, value in (("codec", self.codec), ("gather_codec", self.gather_codec)):
             if value is not None and value not in CODECS:
                 raise ConfigError(f"bad {name} {value!r}: expected one of {', '.join(CODECS)}")
-        if self.gather_codec == "topk":
-            raise ConfigError("gather_codec cannot be topk: the unselected values of a result would be lost")
+        if self.gather_codec in ("topk", "sparse"):
+            raise ConfigError(
+                f"gather_codec cannot be {self.gather_codec}: the unselected values of a result would be lost"
+            )
         if self.quant_block is not None and (not 8 <= self.quant_block <= 1 << 20 or self.quant_block % 8):
             raise ConfigError(f"quant_block must be a multiple of 8 in [8, 2**20], got {self.quant_block}")
         if not 0 < self.topk_fraction <= 1:
             raise ConfigError(f"topk_fraction must be in (0, 1], got {self.topk_fraction}")
+        density = self.sparse_density
+        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
+            raise ConfigError(f"sparse_density must be in (0, 1], got {density!r}")
+        if type(self.sparse_bits) is not int or self.sparse_bits not in (2, 4):
+            raise ConfigError(f"sparse_bits must be 2 or 4, got {self.sparse_bits!r}")
         if not 1024 <= self.chunk_elems <= 1 << 24:
             raise ConfigError(f"chunk_elems must be in [1024, 2**24], got {self.chunk_elems}")
         if self.plane not in PLANES:
@@ -80,9 +93,16 @@ class CollectiveConfig:
 
     @property
     def resolved_gather_codec(self) -> str:
+        """The all-gather's codec. Results are dense (an update or an average), so a sparsifying codec would drop
+        most of them for good: the gather has no error feedback, every member decodes the same bits and keeps
+        them. After ``topk`` (exact fp32 values: a swarm that wants exactness) the gather is lossless ``none``.
+        After ``sparse`` it is ``int8``: the point of ``sparse`` is bandwidth, and a lossless gather would move
+        ~97x the bytes of its reduce-scatter (int8: a quarter of that), while int8's bounded error (absmax / 254
+        per block of 256) is far below the 2-bit contributions' own (absmax / 4 per block of 4096) and is what
+        ``diloco`` gathers by default anyway. Set ``gather_codec = "none"`` for an exact gather."""
         if self.gather_codec is not None:
             return self.gather_codec
-        return "none" if self.codec == "topk" else self.codec
+        return {"topk": "none", "sparse": "int8"}.get(self.codec, self.codec)
 
     @property
     def round_timeout_s(self) -> float:
@@ -95,6 +115,8 @@ class CollectiveConfig:
             return {"block": self.quant_block}
         if name == "topk":
             return {"fraction": self.topk_fraction}
+        if name == "sparse":
+            return {"density": self.sparse_density, "bits": self.sparse_bits}
         return {}
 
 

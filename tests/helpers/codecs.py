@@ -1,4 +1,5 @@
-"""The options each codec is tested with: small blocks and a top-k fraction that exercise their edge cases."""
+"""The options each codec is tested with: small blocks and a top-k fraction that exercise their edge cases
+(``sparse``: blocks of 64 keeping 4, so the test lengths cover several blocks and a short tail)."""
 
 from __future__ import annotations
 
@@ -9,4 +10,5 @@ CODEC_OPTS = {
     "int8": {"block": 256},
     "int4": {"block": 128},
     "topk": {"fraction": 0.05},
+    "sparse": {"density": 0.05, "bits": 2, "block": 64},
 }
