@@ -17,7 +17,8 @@ Three parts, one after the other on this machine:
    steps that make its total tokens equal the heterogeneous swarm's. Its final validation loss is the anchor.
 
 Goals (issue "Volunteer hardware"): swarm tokens/s >= 0.9 x the solo sum; 0 samples thrown away; final
-validation loss within 2 % of the homogeneous swarm's. Prints one JSON object; exits 1 if a swarm failed.
+validation loss at most 2 % above the homogeneous swarm's (the gap is printed signed: lower is better).
+Prints one JSON object; exits 1 if a swarm failed.
 
     python benchmarks/bench_heterogeneous.py                      # speeds 1,0.5,0.25, 12 rounds of 6 s: ~5 min
     python benchmarks/bench_heterogeneous.py --rounds 3 --round-seconds 3 --solo-seconds 5   # smoke test
@@ -232,7 +233,7 @@ def main() -> int:
         goals={
             "tokens_per_s_ge_0.9_solo_sum": h["tokens_per_s"] >= 0.9 * solo_sum,
             "nothing_thrown_away": h["samples_dropped"] == 0,
-            "val_loss_within_2pct_of_homogeneous": abs(h["val_loss"] - m["val_loss"]) <= 0.02 * m["val_loss"],
+            "val_loss_at_most_2pct_above_homogeneous": h["val_loss"] <= 1.02 * m["val_loss"],
         },
         seconds_total=round(time.perf_counter() - started, 1),
         notes="Solo processes run concurrently, one torch thread each, as the swarm's peers do; the swarm's "

@@ -12,7 +12,15 @@ import torch
 from legion_swarm.config import DataConfig, ModelConfig, TrainConfig
 from legion_swarm.errors import SwarmConfigError
 from legion_swarm.sim import LocalSwarm
-from legion_swarm.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from legion_swarm.train.checkpoint import (
+    Checkpoint,
+    CheckpointSchedule,
+    PeriodicCheckpoints,
+    checkpoints_in,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from legion_swarm.train.optim import StateSlice
 from legion_swarm.train.state_sync import fetch_meta
 from legion_swarm.train.swarm_config import SwarmSpec
@@ -103,3 +111,62 @@ async def test_export_from_a_running_swarm_and_resume_a_new_swarm_from_it(tmp_pa
 
             await eventually(same_state_past_the_checkpoint, timeout=120, interval=0.3)
         assert "resumed from a checkpoint of round" in resumed.tail(400)
+
+
+async def test_periodic_checkpoints_are_due_every_n_rounds_and_keep_the_newest(tmp_path) -> None:
+    numel = numel_of(SPEC)
+    periodic = PeriodicCheckpoints(CheckpointSchedule(str(tmp_path / "ckpts"), every=2, keep=2), "s")
+    assert [r for r in range(7) if periodic.due(r)] == [2, 4, 6]
+    (tmp_path / "ckpts" / "notes.txt").write_text("not ours: left alone")
+    for round_ in (2, 4, 6):
+        ckpt = make(numel)
+        await periodic.write(Checkpoint(ckpt.spec, round_, ckpt.state_id, ckpt.flat, ckpt.optimizer))
+    await periodic.wait()
+    names = sorted(os.listdir(tmp_path / "ckpts"))
+    assert names == ["notes.txt", "s-r00000004.safetensors", "s-r00000006.safetensors"]  # no temp file either
+    assert resolve_checkpoint(tmp_path / "ckpts").name == "s-r00000006.safetensors"
+    assert load_checkpoint(resolve_checkpoint(tmp_path / "ckpts")).round == 6
+    with pytest.raises(SwarmConfigError, match="no checkpoint in"):
+        resolve_checkpoint(tmp_path)
+    with pytest.raises(SwarmConfigError, match=">= 1"):
+        CheckpointSchedule(str(tmp_path), every=0)
+
+
+@pytest.mark.usefixtures("real_processes")
+@pytest.mark.timeout(300)
+async def test_a_swarm_whose_every_peer_died_restarts_from_its_periodic_checkpoint(tmp_path) -> None:
+    """Members write a checkpoint every 2 rounds; then every process is gone. A new swarm from the checkpoint
+    directory (``bootstrap --config DIR``, ``join --resume DIR``) continues from that round, and a fresh member
+    catches up to the same state."""
+    spec_flags = ("--mode", "diloco", "--inner-steps", "5", "--model", "tiny", "--data", "dummy", "--batch-size", "2")
+    ckpts = tmp_path / "ckpts"
+    schedule = ("--checkpoint-dir", str(ckpts), "--checkpoint-every", "2", "--checkpoint-keep", "2")
+    async with await LocalSwarm.create(
+        2, swarm="periodic", heartbeat_s=1.0, bootstrap_args=spec_flags, peer_args=("--rounds", "5"),
+        per_peer_args=[schedule],
+    ) as swarm:  # fmt: skip
+        assert [await p.wait(180) for p in swarm.peers] == [0, 0], [p.tail(30) for p in swarm.peers]
+    files = checkpoints_in(ckpts)
+    rounds = [int(p.name.removesuffix(".safetensors").rsplit("-r", 1)[1]) for p in files]
+    assert len(files) == 2 and rounds[0] + 2 == rounds[1] and rounds[1] % 2 == 0, rounds  # every 2, newest 2 kept
+    last = load_checkpoint(resolve_checkpoint(ckpts))
+    assert last.round == rounds[1] and last.optimizer is not None  # the owners handed their ranges over
+
+    async with await LocalSwarm.create(
+        0, swarm="periodic2", heartbeat_s=1.0, bootstrap_args=("--config", str(ckpts))
+    ) as swarm:
+        resumed = await swarm.add_peer(args=("--rounds", "400", "--resume", str(ckpts)))
+        fresh = await swarm.add_peer(args=("--rounds", "400"))
+        assert swarm.bootstrap is not None
+        async with observer(swarm.bootstrap.maddr, swarm="periodic2") as obs:
+
+            async def continued_from_the_checkpoint() -> bool:
+                a, b = await asyncio.gather(
+                    fetch_meta(obs.host, resumed.peer_id), fetch_meta(obs.host, fresh.peer_id), return_exceptions=True
+                )
+                if isinstance(a, BaseException) or isinstance(b, BaseException):
+                    return False
+                return a.round == b.round and a.round > last.round and a.sha256 == b.sha256
+
+            await eventually(continued_from_the_checkpoint, timeout=120, interval=0.3)
+        assert f"resumed from a checkpoint of round {last.round}" in resumed.tail(400)

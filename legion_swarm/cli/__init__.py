@@ -202,7 +202,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_spec_flags(p, creator=False)
     p.add_argument("--rounds", type=_checked(_positive_int, "count"), help="stop after training this many rounds")
     p.add_argument("--no-train", action="store_true", help="be a member (DHT, data plane) without training")
-    p.add_argument("--resume", metavar="CKPT", help="start from a checkpoint (checkpoint export) of this swarm")
+    p.add_argument(
+        "--resume", metavar="CKPT",
+        help="start from a checkpoint of this swarm (a file, or a --checkpoint-dir: its newest)",
+    )  # fmt: skip
+    p.add_argument(
+        "--checkpoint-dir", metavar="DIR",
+        help="write the swarm's state to DIR/<swarm>-r<round>.safetensors every --checkpoint-every rounds",
+    )  # fmt: skip
+    p.add_argument(
+        "--checkpoint-every", metavar="N", type=_checked(_positive_int, "count"), default=10,
+        help="rounds between checkpoints (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--checkpoint-keep", metavar="K", type=_checked(_positive_int, "count"), default=3,
+        help="newest checkpoints kept, older ones deleted (default: %(default)s)",
+    )  # fmt: skip
     p.add_argument(
         "--threads",
         type=_checked(_positive_int, "count"),

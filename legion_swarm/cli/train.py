@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -63,10 +64,10 @@ def spec_from_args(args: argparse.Namespace) -> Any:
     from legion_swarm.train.swarm_config import SwarmSpec
 
     path = getattr(args, "config", None)
-    if path is not None and str(path).endswith(".safetensors"):  # start a swarm from a checkpoint's config
-        from legion_swarm.train.checkpoint import load_checkpoint
+    if path is not None and (str(path).endswith(".safetensors") or os.path.isdir(path)):
+        from legion_swarm.train.checkpoint import load_checkpoint, resolve_checkpoint
 
-        base = load_checkpoint(path).spec
+        base = load_checkpoint(resolve_checkpoint(path)).spec  # a swarm from a checkpoint's config
     else:
         base = SwarmSpec.load(path) if path else SwarmSpec()
     merged = base.to_dict()
@@ -135,14 +136,20 @@ async def train(peer: Any, args: argparse.Namespace, console: Console, keeper: A
     signed = await keeper.fetch()
     check_overrides(signed.spec, overrides(args))
     keeper.hold(signed)  # joiners through us trust this config
+    from legion_swarm.train.checkpoint import CheckpointSchedule, resolve_checkpoint
+
+    schedule = None
+    if args.checkpoint_dir:
+        schedule = CheckpointSchedule(args.checkpoint_dir, every=args.checkpoint_every, keep=args.checkpoint_keep)
     config = LoopConfig(
-        rounds=args.rounds, nice=args.nice, device=args.device, precision=args.precision, speed=args.speed
-    )
+        rounds=args.rounds, nice=args.nice, device=args.device, precision=args.precision, speed=args.speed,
+        checkpoints=schedule,
+    )  # fmt: skip
     trainer = await SwarmTrainer.create(peer, signed, config)
     if args.resume:
         from legion_swarm.train.checkpoint import load_checkpoint
 
-        trainer.resume(await asyncio.to_thread(load_checkpoint, args.resume))
+        trainer.resume(await asyncio.to_thread(load_checkpoint, resolve_checkpoint(args.resume)))
     live = console.is_terminal and not args.quiet
     try:
         if live:

@@ -8,10 +8,18 @@ written next to its destination and renamed into place, so an interrupted export
 
 A peer started with ``--resume`` loads it: the same parameters under the same state id and round, so a swarm
 that restarts from it continues the lineage, and the others (at round 0) re-sync from that peer.
+
+:class:`PeriodicCheckpoints` is a member's own schedule (``join --checkpoint-dir DIR --checkpoint-every N``):
+after every N-th committed round it writes the state it holds (bit-identical to every survivor's) and the
+optimizer state of the whole space, its own range plus its owners' (parameters only if an owner does not
+answer), to ``DIR/<swarm>-r<round>.safetensors``, atomically, keeping the newest K. So a swarm whose every
+peer died restarts from the last one: ``bootstrap --config DIR/...`` and ``join --resume DIR`` (a directory
+means its newest checkpoint).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -129,7 +137,7 @@ async def export_checkpoint(
     for attempt in range(1, attempts + 1):
         got = await download_state(host, trainers, numel=numel, timeout=timeout)
         found = await fetch_optimizer_state(host, got.meta.owners, got.meta.state_id, 0, numel, buffer_names=names)
-        optimizer = _assemble(found, numel, names)
+        optimizer = assemble_optimizer_state(found, numel, names)
         if optimizer is not None:
             break
         logger.info("optimizer state of round %d not complete (%d ranges), try %d/%d", got.meta.round, len(found),
@@ -139,7 +147,10 @@ async def export_checkpoint(
     return Checkpoint(spec, got.meta.round, got.meta.state_id, got.flat, optimizer)
 
 
-def _assemble(found: dict[tuple[int, int], StateSlice], numel: int, names: tuple[str, ...]) -> StateSlice | None:
+def assemble_optimizer_state(
+    found: dict[tuple[int, int], StateSlice], numel: int, names: tuple[str, ...]
+) -> StateSlice | None:
+    """One slice of the whole flat space from ranges that tile it, or None if any part is missing."""
     at, segments = 0, []
     buffers = {n: torch.empty(numel) for n in names}
     for (lo, hi), piece in sorted(found.items()):
@@ -157,3 +168,80 @@ async def trainers_of(peer: object) -> list[str]:
     view = await peer.view()  # type: ignore[attr-defined]
     records = [m.record for m in view.members if m.record.mode is not None and m.record.round is not None]
     return [r.peer_id for r in sorted(records, key=lambda r: -(r.round or 0))]
+
+
+CHECKPOINT_SUFFIX = ".safetensors"
+
+
+def checkpoint_name(swarm: str, round_: int) -> str:
+    """``<swarm>-r<round, 8 digits>.safetensors``: sorting the names sorts the rounds."""
+    return f"{swarm}-r{round_:08d}{CHECKPOINT_SUFFIX}"
+
+
+def checkpoints_in(directory: str | Path) -> list[Path]:
+    """The checkpoint files :class:`PeriodicCheckpoints` wrote in ``directory``, oldest round first."""
+    found = [p for p in Path(directory).glob(f"*-r{'[0-9]' * 8}{CHECKPOINT_SUFFIX}") if p.is_file()]
+    return sorted(found, key=lambda p: (p.name.rsplit("-r", 1)[1], p.name))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """``path`` itself, or for a directory its newest checkpoint; SwarmConfigError if there is none."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    found = checkpoints_in(path)
+    if not found:
+        raise SwarmConfigError(f"no checkpoint in {path}")
+    return found[-1]
+
+
+@dataclass(frozen=True)
+class CheckpointSchedule:
+    """Where and how often a member writes checkpoints."""
+
+    directory: str
+    every: int = 10
+    """Rounds between checkpoints (a round divisible by it is written)."""
+    keep: int = 3
+    """Newest checkpoints kept; older ones are deleted after a write."""
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.keep < 1:
+            raise SwarmConfigError(f"checkpoint every and keep must be >= 1, got {self.every}, {self.keep}")
+
+
+class PeriodicCheckpoints:
+    """Writes a member's state every ``schedule.every`` rounds, one write at a time, off the event loop."""
+
+    def __init__(self, schedule: CheckpointSchedule, swarm: str) -> None:
+        self.schedule, self.swarm = schedule, swarm
+        Path(schedule.directory).mkdir(parents=True, exist_ok=True)
+        self._writing: asyncio.Task[None] | None = None
+        self.written: list[Path] = []
+
+    def due(self, round_: int) -> bool:
+        return round_ > 0 and round_ % self.schedule.every == 0
+
+    async def write(self, ckpt: Checkpoint) -> None:
+        """Start writing ``ckpt`` (its tensors must not change: pass copies); a write still running is awaited
+        first, so writes never overlap."""
+        await self.wait()
+        self._writing = asyncio.create_task(asyncio.to_thread(self._write, ckpt))
+
+    def _write(self, ckpt: Checkpoint) -> None:
+        path = Path(self.schedule.directory) / checkpoint_name(self.swarm, ckpt.round)
+        save_checkpoint(path, ckpt, self.swarm)
+        self.written.append(path)
+        for old in checkpoints_in(self.schedule.directory)[: -self.schedule.keep]:
+            if old.name.startswith(f"{self.swarm}-r"):
+                old.unlink(missing_ok=True)
+        logger.info("checkpoint of round %d written to %s", ckpt.round, path)
+
+    async def wait(self) -> None:
+        """Until the write in progress (if any) is on disk."""
+        if self._writing is not None:
+            task, self._writing = self._writing, None
+            try:
+                await task
+            except Exception as e:  # a full disk must not stop training
+                logger.warning("checkpoint not written: %r", e)

@@ -52,7 +52,12 @@ from legion_swarm.groups.info import GroupInfo, GroupMember
 from legion_swarm.groups.layout import Layout
 from legion_swarm.groups.matchmaking import Formed, Matchmaker, Resync
 from legion_swarm.peer import SwarmPeer
-from legion_swarm.train.checkpoint import Checkpoint
+from legion_swarm.train.checkpoint import (
+    Checkpoint,
+    CheckpointSchedule,
+    PeriodicCheckpoints,
+    assemble_optimizer_state,
+)
 from legion_swarm.train.compute import Compute
 from legion_swarm.train.data import ShardReader, TokenData, evaluate, load_tokens, val_batches
 from legion_swarm.train.device import Placement
@@ -89,6 +94,8 @@ class LoopConfig:
     """Of forward and backward passes: ``fp32``, ``bf16`` or ``fp16`` (autocast, float32 master weights)."""
     speed: float = 1.0
     """For experiments with unequal peers: throttle the compute to this fraction of its pace, in (0, 1]."""
+    checkpoints: CheckpointSchedule | None = None
+    """Write the swarm's state to a checkpoint every so many committed rounds (None: never)."""
     eval_every: int = 0
     """Evaluate the validation loss every this many rounds (0: only at the end)."""
     eval_batches: int = 8
@@ -187,6 +194,7 @@ class SwarmTrainer(StateSource):
         self._step_s: float | None = None  # smoothed seconds per local step
         self._bandwidth_ema = 0.0
         self._rates: dict[str, float] = {}  # samples/s of the view's trainers' local work, from their records
+        self.checkpoints = None if config.checkpoints is None else PeriodicCheckpoints(config.checkpoints, peer.swarm)
         self.on_round: Callable[[SwarmTrainer], None] | None = None
         """Called after every round (e.g. to refresh a display); must not raise."""
         self.started_at = time.perf_counter()
@@ -210,6 +218,8 @@ class SwarmTrainer(StateSource):
         return self
 
     async def aclose(self) -> None:
+        if self.checkpoints is not None:
+            await self.checkpoints.wait()  # a checkpoint being written is finished, never torn
         self.compute.close()
         if self.leases is not None:
             await self.leases.aclose()
@@ -237,6 +247,24 @@ class SwarmTrainer(StateSource):
 
     def optim_range(self, start: int, end: int) -> StateSlice | None:
         return self.mode.optimizer.export(start, end)
+
+    async def _snapshot(self) -> Checkpoint:
+        """The state this member holds now (copied), with the whole space's optimizer state if every owner
+        hands its range over (this member's own range from itself), else the parameters alone."""
+        flat = torch.from_numpy(self.flat_copy())
+        optimizer = self.mode.optimizer
+        found: dict[tuple[int, int], StateSlice] = {}
+        own = optimizer.export(optimizer.start, optimizer.end) if optimizer.end > optimizer.start else None
+        if own is not None:
+            found[(optimizer.start, optimizer.end)] = own
+        others = tuple(o for o in self.owners if o[0] != self.peer.peer_id)
+        found.update(
+            await fetch_optimizer_state(
+                self.peer.host, others, self.state_id, 0, self.numel, buffer_names=optimizer.buffer_names
+            )
+        )
+        whole = assemble_optimizer_state(found, self.numel, optimizer.buffer_names)
+        return Checkpoint(self.spec, self.round, self.state_id, flat, whole)
 
     # ------------------------------------------------------------------------------------------- loop
 
@@ -306,6 +334,8 @@ class SwarmTrainer(StateSource):
     async def _phase_commit(self) -> Phase:
         self._adopt()
         self._failed_in_a_row = 0
+        if self.checkpoints is not None and self.checkpoints.due(self.round) and self._work.outcome.in_sync:
+            await self.checkpoints.write(await self._snapshot())
         return Phase.REPORT
 
     async def _phase_failed(self) -> Phase:
