@@ -24,7 +24,7 @@ from legion_swarm.train.device import (
     forward_backward,
     resolve_device,
 )
-from legion_swarm.train.loop import round_budget_s
+from legion_swarm.train.loop import bandwidth_level, round_budget_s
 from legion_swarm.train.modes import DiLoCoMode, SyncMode, trainable
 from tests.helpers.collectives import FAST, planes
 from tests.helpers.training import TinyLM, batches, flat
@@ -227,3 +227,14 @@ def test_a_round_budget_is_its_seconds_or_the_swarms_samples_over_its_rates() ->
         TrainConfig(round_samples=0)
     with pytest.raises(ConfigError, match="round_seconds"):
         TrainConfig(round_seconds=-1.0)
+
+
+def test_measured_bandwidth_is_announced_in_steps_of_root_two_and_sizes_the_shards() -> None:
+    from legion_swarm.groups.partition import plan_partition
+
+    assert bandwidth_level(10.0) == bandwidth_level(10.9) == 2**3.5  # noise does not move the partition
+    assert bandwidth_level(10.0) < bandwidth_level(16.0) == 16.0
+    assert bandwidth_level(0.0) > 0
+    slow, fast = bandwidth_level(5.0), bandwidth_level(40.0)
+    sizes = plan_partition([1 << 20], 2, [slow, fast]).sizes
+    assert sizes[1] > 6 * sizes[0]  # a slow uplink owns a smaller shard (8x less bandwidth here)

@@ -33,6 +33,7 @@ async def test_peers_of_unequal_speed_train_together_each_at_its_own_pace() -> N
     for s in summaries:
         assert s["rounds_committed"] == rounds and s["rounds_failed"] == 0, s
         assert s["samples_dropped"] == 0, s  # nothing thrown away
+        assert s["bandwidth_mb_s"] is not None and s["bandwidth_mb_s"] > 0, s  # measured, announced
         # Every round after the first (whose start the peers' start-up skews) has all three members.
         assert s["group_sizes"][1:] == [3] * (len(s["group_sizes"]) - 1), s
     assert len({s["val_loss"] for s in summaries}) == 1  # one state

@@ -377,3 +377,38 @@ def test_status_reports_the_parameter_spread_of_the_latest_common_round() -> Non
     console.print(status_report(view))
     assert "parameter spread" in console.export_text()
     assert view_to_json(SwarmView("s", (member(IDS[1], None),), read_at=1.0, read_s=0.0))["spread"] is None
+
+
+@pytest.mark.timeout(10)
+def test_the_status_table_fits_100_columns_without_wrapping_and_lists_bootstrap_nodes_first() -> None:
+    """A training swarm's full row is ~200 columns wide; at 100 the least important columns go, every row stays
+    one line, and what is left still names each peer with its role, device, round and loss."""
+    from dataclasses import replace
+
+    training = dict(
+        mode="diloco", device="cuda:0/bf16", round=1234, step=24680, loss=2.3456, tokens_per_s=123456.0,
+        bytes_sent=123_456_789, bytes_received=123_456_789, bandwidth=11.3, group="4@3fa2c1",
+    )  # fmt: skip
+    ids = [f"12D3KooW{n}" + "abcdefghijkmnopqrstuvwxyzABCDEFGH"[n] * 30 for n in range(7)]  # distinct short ids
+    peers = [member(ids[i], "4@3fa2c1") for i in range(1, 6)]
+    peers = [Member(replace(m.record, **training), m.expires_at, m.last_seen_s) for m in peers]
+    boot = member(ids[6], None)
+    boot = Member(replace(boot.record, role="bootstrap"), boot.expires_at, boot.last_seen_s)
+    view = SwarmView("s", (*peers, boot), read_at=10.0, read_s=0.01)
+    rtts = {ids[1]: {ids[2]: 12.5, ids[3]: 80.0}}
+
+    wide = Console(record=True, width=400)
+    wide.print(status_report(view, rtts))
+    full = [line for line in wide.export_text().splitlines() if line.startswith(f"│ {short_peer_id(ids[1])}")]
+    assert len(full) == 1 and len(full[0].rstrip()) > 150  # the whole row would not fit
+
+    console = Console(record=True, width=100)
+    console.print(status_report(view, rtts, width=100))
+    lines = console.export_text().splitlines()
+    assert all(len(line.rstrip()) <= 100 for line in lines)
+    rows = [line for line in lines if any(line.startswith(f"│ {short_peer_id(ids[i])}") for i in range(1, 7))]
+    assert len(rows) == 6  # one line per member: no cell wrapped onto a second line
+    assert short_peer_id(ids[6]) in rows[0] and "bootstrap" in rows[0]  # bootstrap nodes first
+    assert "…" not in "".join(rows)  # nothing truncated either
+    for row in rows[1:]:
+        assert "peer" in row and "cuda:0/bf16" in row and "1234" in row and "2.346" in row

@@ -171,7 +171,7 @@ async def status(args: argparse.Namespace) -> int:
             if args.json:
                 stdout.print_json(json.dumps(view_to_json(view, rtts)))
             else:
-                stdout.print(status_report(view, rtts))
+                stdout.print(status_report(view, rtts, width=stdout.width))
             return 0
         if args.json:  # one JSON object per line, each interval
             while not stop.is_set():
@@ -180,11 +180,11 @@ async def status(args: argparse.Namespace) -> int:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), args.watch)
             return 0
-        with Live(status_report(*await read()), console=stdout, refresh_per_second=4) as live:
+        with Live(status_report(*await read(), width=stdout.width), console=stdout, refresh_per_second=4) as live:
             while not stop.is_set():
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), args.watch)
-                live.update(status_report(*await read()))
+                live.update(status_report(*await read(), width=stdout.width))
         return 0
     finally:
         await peer.aclose()
@@ -294,7 +294,7 @@ async def simulate(args: argparse.Namespace) -> int:
                     stdout.print(
                         f"churn: {len(killed)} peers killed with SIGKILL, {len(restarted)} restarted as the same peer"
                     )
-            stdout.print(status_table(view))
+            stdout.print(status_table(view, width=stdout.width))
             stdout.print(f"{seen - 1}/{args.peers} peers joined in {joined_s:.1f} s")
             if args.duration > 0:
                 with contextlib.suppress(asyncio.TimeoutError):

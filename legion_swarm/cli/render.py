@@ -10,7 +10,8 @@ import statistics
 from collections.abc import Mapping
 from typing import Any
 
-from rich.console import Group, RenderableType
+from rich.console import Console, Group, RenderableType
+from rich.measure import Measurement
 from rich.table import Table
 
 from legion_swarm.groups.clustering import intra_group_rtt
@@ -129,10 +130,11 @@ def groups_table(view: SwarmView, rtts: Rtts) -> Table | None:
     return table
 
 
-def status_report(view: SwarmView, rtts: Rtts | None = None) -> RenderableType:
-    """The members table, followed by the groups table when some member is in a group."""
+def status_report(view: SwarmView, rtts: Rtts | None = None, *, width: int | None = None) -> RenderableType:
+    """The members table (fitted to ``width`` columns, if given), followed by the groups table when some member
+    is in a group."""
     groups = groups_table(view, rtts or {})
-    members = status_table(view, rtts)
+    members = status_table(view, rtts, width=width)
     return members if groups is None else Group(members, groups)
 
 
@@ -146,8 +148,28 @@ def summary(view: SwarmView) -> dict[str, Any]:
     }
 
 
-def status_table(view: SwarmView, rtts: Rtts | None = None) -> Table:
-    """One row per member; its ``rtt`` column reads "median (peers measured)" from its own RTT record."""
+_DROP_ORDER = (
+    "version",
+    "address",
+    "seen",
+    "hardware",
+    "MB/s",
+    "sent / recv",
+    "step",
+    "group",
+    "rtt",
+    "device",
+    "tok/s",
+    "mode",
+)
+"""Columns of the members table in the order they go when it is too wide; peer, role, round and loss stay."""
+_ROLE_ORDER = {"bootstrap": 0, "peer": 1}
+
+
+def status_table(view: SwarmView, rtts: Rtts | None = None, *, width: int | None = None) -> Table:
+    """One row per member (bootstrap nodes first, then by peer id); its ``rtt`` column reads "median (peers
+    measured)" from its own RTT record. With ``width``, the least important columns are left out until the
+    table fits that many terminal columns without wrapping a cell."""
     rtts = rtts or {}
     totals = summary(view)
     rounds = [m.record.round for m in view.members if m.record.round is not None]
@@ -155,50 +177,54 @@ def status_table(view: SwarmView, rtts: Rtts | None = None) -> Table:
     spread = swarm_spread(m.record for m in view.members)
     if spread is not None:
         training += f" · parameter spread {spread[1]:.1e} at round {spread[0]} ({spread[2]} peers)"
-    table = Table(
-        title=f"swarm [bold]{view.swarm}[/bold]",
-        caption=(
-            f"{totals['peers']} peers alive · {totals['cpus']} CPUs · {totals['gpus']} GPUs · "
-            f"{totals['ram_gb']:.0f} GiB RAM{training} · read in {view.read_s * 1000:.0f} ms"
-        ),
-        header_style="bold",
+    caption = (
+        f"{totals['peers']} peers alive · {totals['cpus']} CPUs · {totals['gpus']} GPUs · "
+        f"{totals['ram_gb']:.0f} GiB RAM{training} · read in {view.read_s * 1000:.0f} ms"
     )
-    table.add_column("peer", no_wrap=True)
-    table.add_column("address", no_wrap=True)
-    table.add_column("role", no_wrap=True)
-    table.add_column("version", no_wrap=True)
-    table.add_column("hardware", no_wrap=True)
-    table.add_column("seen", justify="right")
-    table.add_column("mode", no_wrap=True)
-    table.add_column("device", no_wrap=True)
-    table.add_column("round", justify="right")
-    table.add_column("step", justify="right")
-    table.add_column("loss", justify="right")
-    table.add_column("tok/s", justify="right")
-    table.add_column("sent / recv", justify="right", no_wrap=True)
-    table.add_column("MB/s", justify="right")
-    table.add_column("rtt", justify="right", no_wrap=True)
-    table.add_column("group", no_wrap=True)
-    for member in view.members:
-        r = member.record
-        table.add_row(
-            short_peer_id(r.peer_id),
-            _addr(member),
-            r.role,
-            r.version,
-            _hardware(member),
-            _age(member.last_seen_s),
-            r.mode or _DASH,
-            r.device or _DASH,
-            _fmt(r.round, "d"),
-            _fmt(r.step, "d"),
-            _fmt(r.loss, ".3f"),
-            _fmt(r.tokens_per_s, ",.0f"),
-            _DASH if r.bytes_sent is None else f"{_bytes(r.bytes_sent)} / {_bytes(r.bytes_received)}",
-            _fmt(r.bandwidth, ".1f"),
-            _rtt_cell(rtts.get(r.peer_id)),
-            r.group or _DASH,
-        )
+    members = sorted(view.members, key=lambda m: (_ROLE_ORDER.get(m.record.role, 2), m.record.peer_id))
+    columns: dict[str, tuple[str, list[str]]] = {}  # name -> (justify, cells)
+
+    def column(name: str, cells: list[str], justify: str = "left") -> None:
+        columns[name] = (justify, cells)
+
+    records = [m.record for m in members]
+    column("peer", [short_peer_id(r.peer_id) for r in records])
+    column("address", [_addr(m) for m in members])
+    column("role", [r.role for r in records])
+    column("version", [r.version for r in records])
+    column("hardware", [_hardware(m) for m in members])
+    column("seen", [_age(m.last_seen_s) for m in members], "right")
+    column("mode", [r.mode or _DASH for r in records])
+    column("device", [r.device or _DASH for r in records])
+    column("round", [_fmt(r.round, "d") for r in records], "right")
+    column("step", [_fmt(r.step, "d") for r in records], "right")
+    column("loss", [_fmt(r.loss, ".3f") for r in records], "right")
+    column("tok/s", [_fmt(r.tokens_per_s, ",.0f") for r in records], "right")
+    column("sent / recv", [
+        _DASH if r.bytes_sent is None else f"{_bytes(r.bytes_sent)} / {_bytes(r.bytes_received)}" for r in records
+    ], "right")  # fmt: skip
+    column("MB/s", [_fmt(r.bandwidth, ".1f") for r in records], "right")
+    column("rtt", [_rtt_cell(rtts.get(r.peer_id)) for r in records], "right")
+    column("group", [r.group or _DASH for r in records])
+
+    def build(names: list[str]) -> Table:
+        table = Table(title=f"swarm [bold]{view.swarm}[/bold]", caption=caption, header_style="bold")
+        for name in names:
+            table.add_column(name, justify=columns[name][0], no_wrap=True)  # type: ignore[arg-type]
+        for i in range(len(members)):
+            table.add_row(*(columns[name][1][i] for name in names))
+        return table
+
+    names = list(columns)
+    table = build(names)
+    if width is None:
+        return table
+    console = Console(width=10_000)
+    for drop in _DROP_ORDER:
+        if Measurement.get(console, console.options, table).maximum <= width:
+            break
+        names.remove(drop)
+        table = build(names)
     return table
 
 

@@ -594,7 +594,7 @@ class SwarmTrainer(StateSource):
         rate = result.bytes_sent / max(transfer, 1e-3) / 1e6
         old = self.progress.bandwidth
         self._bandwidth_ema = rate if old is None else 0.7 * self._bandwidth_ema + 0.3 * rate
-        self.progress.bandwidth = 2 ** (round(2 * math.log2(max(self._bandwidth_ema, 1e-3))) / 2)
+        self.progress.bandwidth = bandwidth_level(self._bandwidth_ema)
 
     def _next_state_id(self, layout: Layout) -> bytes:
         """The id of the state after a round: a hash of the previous id, the round's layout and the state's bytes.
@@ -652,6 +652,12 @@ class _RoundWork:
     """Optimizer state of this member's new shard, from its previous owners (``HAND_OVER``)."""
     outcome: RoundOutcome | None = None
     """What the ``SHARDED_STEP`` did."""
+
+
+def bandwidth_level(mb_per_s: float) -> float:
+    """A measured throughput rounded to the nearest power of 2**0.5 (1, 1.41, 2, 2.83, ... MB/s): what a member
+    announces, so that the partition sized by it moves only when the throughput changes by ~40 %."""
+    return float(2 ** (round(2 * math.log2(max(mb_per_s, 1e-3))) / 2))
 
 
 def round_budget_s(train: TrainConfig, rates: Iterable[float]) -> float | None:
