@@ -227,8 +227,8 @@ class SwarmPeer:
             dht = await asyncio.wait_for(dht_task, max(deadline - time.perf_counter(), 0.1))
         except (PeerUnreachableError, TimeoutError):
             unsupported = any(isinstance(e, UnsupportedProtocolError) for e in failures.values())
-            what = "the legion hello or the hivemind DHT" if unsupported else "the legion hello or DHT pings"
-            raise PeerUnreachableError(f"none of the initial peers answered {what} ({reasons}): {entries}") from None
+            what = "speaks the legion hello or the hivemind DHT" if unsupported else "answered the hello or DHT pings"
+            raise PeerUnreachableError(f"none of the initial peers {what} ({reasons}): {entries}") from None
         wanted = config.membership.swarm
         if wanted is None:  # the caller closes the node again
             if not any(isinstance(e, UnsupportedProtocolError) for e in failures.values()):
