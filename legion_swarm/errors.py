@@ -13,7 +13,8 @@
     ├── NetworkError                the network did not cooperate (CLI exit code 1)
     │   ├── PeerUnreachableError    none of the initial peers answered in time
     │   ├── ProtocolError           a peer sent a malformed, oversized or unexpected message
-    │   │   └── AuthenticationError a peer is not who it should be (signature, peer id, AEAD tag)
+    │   │   ├── AuthenticationError a peer is not who it should be (signature, peer id, AEAD tag)
+    │   │   └── UnsupportedProtocolError  a reachable peer does not serve the protocol asked for
     │   ├── ChannelClosedError      a secure channel was closed and cannot be used
     │   └── RoundTimeoutError       a collective round overran its deadline (a bug, or this peer stalled)
     ├── RecordError                 a DHT record failed its schema or signature check
@@ -73,6 +74,11 @@ class ProtocolError(NetworkError):
 
 class AuthenticationError(ProtocolError):
     """The peer is not who it should be: bad signature, wrong peer id, unauthorized, or a failed AEAD tag."""
+
+
+class UnsupportedProtocolError(ProtocolError):
+    """The peer was reached but does not serve the protocol a stream asked for (e.g. the legion hello on a plain
+    hivemind DHT node): asking again will not help."""
 
 
 class ChannelClosedError(NetworkError):

@@ -24,7 +24,7 @@ from legion_swarm.dht.membership import Hello, Membership, read_members, say_hel
 from legion_swarm.dht.node import Found, SwarmDHT, dht_time
 from legion_swarm.dht.reconnect import Reconnector
 from legion_swarm.dht.records import PeerRecord
-from legion_swarm.errors import PeerUnreachableError, SwarmMismatchError
+from legion_swarm.errors import ConfigError, PeerUnreachableError, SwarmMismatchError, UnsupportedProtocolError
 from legion_swarm.groups.probe import Prober, read_rtts, serve_ping
 from legion_swarm.transport.dataplane import DataPlane
 from legion_swarm.transport.host import Host
@@ -72,18 +72,26 @@ def _peer_id_of_maddr(maddr: str) -> str:
     return maddr.rsplit("/p2p/", 1)[1]
 
 
+HELLO_FALLBACK_S = 5.0
+"""With the swarm named (``--swarm``), how long the entry peers' hello may take before the join goes on through the
+DHT alone: hello is the fast path, not a requirement (a plain hivemind DHT node does not speak it)."""
+
+
 async def _hello_with_retries(
     host: Host, peer_id: str, wanted: str | None, deadline: float, answered: asyncio.Event
 ) -> Hello:
     """Handshake with one entry peer, retrying transient failures (a stream reset under load) with backoff.
 
     Retries stop at ``deadline`` or as soon as any entry peer has answered (``answered``), so a dead
-    peer in the list never holds up a join that a live one made possible.
+    peer in the list never holds up a join that a live one made possible. A peer that does not serve the hello
+    protocol at all (:class:`UnsupportedProtocolError`) is not asked again.
     """
     delay = 0.1
     while True:
         try:
             hello = await say_hello(host, peer_id, wanted, timeout=max(deadline - time.perf_counter(), 0.1))
+        except UnsupportedProtocolError:
+            raise
         except Exception as e:  # reset, timeout, dial failure, garbage: all retried the same way
             if answered.is_set() or time.perf_counter() + delay >= deadline:
                 raise
@@ -115,7 +123,8 @@ class SwarmPeer:
         self.join_timings: dict[str, float] = {}
         """Seconds spent in each phase of :meth:`create`: daemon, dht (with the handshake), publish, total."""
         self.entry_hellos: list[Hello] = []
-        """What the entry peers answered to our hello (empty for the first node of a swarm)."""
+        """What the entry peers answered to our hello (empty for the first node of a swarm, and for a peer that joined
+        through the DHT alone, e.g. through a plain hivemind DHT node)."""
         self._hello_fields: dict[str, object] = {}  # extra fields of our hello answers (set_hello_field)
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -137,9 +146,10 @@ class SwarmPeer:
     async def create(cls, config: PeerConfig, *, identity: Identity | None = None) -> SwarmPeer:
         """Start the daemon, check the entry peers' swarm, join the DHT and publish our first record.
 
-        Raises :class:`PeerUnreachableError` if no initial peer answers, :class:`SwarmMismatchError` if one
-        serves another swarm, :class:`~legion_swarm.errors.AddressInUseError` if the port is taken, and
-        ``TimeoutError`` past ``join_timeout_s``.
+        Raises :class:`PeerUnreachableError` if no initial peer answers (neither our hello nor the DHT),
+        :class:`SwarmMismatchError` if one serves another swarm, :class:`ConfigError` if they speak the DHT but
+        not our hello and ``membership.swarm`` is ``None``, :class:`~legion_swarm.errors.AddressInUseError` if
+        the port is taken, and ``TimeoutError`` past ``join_timeout_s``.
         """
         t0 = time.perf_counter()
         deadline = t0 + config.join_timeout_s
@@ -150,7 +160,9 @@ class SwarmPeer:
         except BaseException:
             await host.aclose()
             raise
-        self = cls(config, host, hellos[0].swarm)
+        swarm = hellos[0].swarm if hellos else config.membership.swarm  # no hello: the DHT alone, --swarm named
+        assert swarm is not None
+        self = cls(config, host, swarm)
         self.entry_hellos = [h for h in hellos if h.peer_id != host.peer_id]
         self.dht = dht
         self.join_timings["daemon_s"] = t_host - t0
@@ -174,52 +186,96 @@ class SwarmPeer:
     ) -> tuple[list[Hello], SwarmDHT]:
         """Check the entry peers' swarm while the DHT node bootstraps: both need only the daemon.
 
-        If the handshake fails (another swarm, nobody answers), the DHT node is cancelled or closed again.
+        If no entry peer answers the hello (a plain hivemind DHT node, or one too slow within
+        :data:`HELLO_FALLBACK_S`), the join goes on through the DHT alone, which needs the swarm's name: the
+        hellos returned are then empty. If the handshake fails (another swarm, nobody answers), the DHT node is
+        cancelled or closed again.
         """
         dht_task = asyncio.ensure_future(SwarmDHT.create(host, config.dht))
         try:
-            hellos = await cls._check_entry_peers(host, config, timeout=deadline - time.perf_counter())
+            hellos, failures = await cls._check_entry_peers(host, config, timeout=deadline - time.perf_counter())
+            if not hellos:
+                return [], await cls._dht_only(host, config, dht_task, failures, deadline)
             dht = await asyncio.wait_for(dht_task, max(deadline - time.perf_counter(), 0.1))
         except BaseException:
-            dht_task.cancel()
-            try:
-                unused = await dht_task
-            except BaseException:  # cancelled or failed: nothing was built
-                pass
-            else:
-                await unused.aclose()
+            await cls._discard(dht_task)
             raise
         return hellos, dht
 
     @staticmethod
-    async def _check_entry_peers(host: Host, config: PeerConfig, *, timeout: float) -> list[Hello]:
-        """Ask every initial peer which swarm it serves; return their answers (all for one swarm).
+    async def _discard(dht_task: asyncio.Future[SwarmDHT]) -> None:
+        """Cancel a DHT node's start, or close the node if it had started."""
+        dht_task.cancel()
+        try:
+            unused = await dht_task
+        except BaseException:  # cancelled or failed: nothing was built
+            pass
+        else:
+            await unused.aclose()
 
-        An unreachable peer fails at once (the daemon's dial is refused); a reachable but busy one gets
-        the whole remaining join budget, since giving up on it would turn load into "unreachable".
+    @classmethod
+    async def _dht_only(
+        cls, host: Host, config: PeerConfig, dht_task: asyncio.Future[SwarmDHT], failures: dict[str, BaseException],
+        deadline: float,
+    ) -> SwarmDHT:  # fmt: skip
+        """No entry peer answered the hello: the DHT node built through them, if they speak the DHT and the swarm is
+        named. :class:`PeerUnreachableError` if they speak neither (or are unreachable), :class:`ConfigError` if
+        they speak the DHT but the swarm is not named."""
+        entries = ", ".join(config.host.initial_peers)
+        reasons = "; ".join(f"{short_peer_id(p)}: {e or type(e).__name__}" for p, e in failures.items())
+        try:
+            dht = await asyncio.wait_for(dht_task, max(deadline - time.perf_counter(), 0.1))
+        except (PeerUnreachableError, TimeoutError):
+            unsupported = any(isinstance(e, UnsupportedProtocolError) for e in failures.values())
+            what = "speaks the legion hello or the hivemind DHT" if unsupported else "answered the hello or DHT pings"
+            raise PeerUnreachableError(f"none of the initial peers {what} ({reasons}): {entries}") from None
+        wanted = config.membership.swarm
+        if wanted is None:  # the caller closes the node again
+            if not any(isinstance(e, UnsupportedProtocolError) for e in failures.values()):
+                raise PeerUnreachableError(f"none of the initial peers answered ({reasons}): {entries}")
+            raise ConfigError(
+                f"the entry peers speak the DHT but not the legion hello (plain hivemind DHT nodes?): "
+                f"name the swarm with --swarm to find it through the DHT: {entries}"
+            )
+        logger.info(
+            "[%s] no entry peer answered the hello (%s); joining swarm %r through the DHT alone",
+            host.short_id, reasons, wanted,
+        )  # fmt: skip
+        return dht
+
+    @staticmethod
+    async def _check_entry_peers(
+        host: Host, config: PeerConfig, *, timeout: float
+    ) -> tuple[list[Hello], dict[str, BaseException]]:
+        """Ask every initial peer which swarm it serves; return their answers (all for one swarm) and, by peer id,
+        why the others did not answer.
+
+        An unreachable peer fails at once (the daemon's dial is refused), and so does one that does not serve the
+        hello (a plain DHT node). Without ``--swarm`` a reachable but busy one gets the whole remaining join
+        budget, since giving up on it would turn load into "unreachable"; with ``--swarm``, at most
+        :data:`HELLO_FALLBACK_S`, after which the join goes on through the DHT alone.
         """
         wanted = config.membership.swarm
         if not config.host.initial_peers:
-            return [Hello(host.peer_id, wanted or DEFAULT_SWARM, __version__, config.membership.role)]
+            return [Hello(host.peer_id, wanted or DEFAULT_SWARM, __version__, config.membership.role)], {}
         peer_ids = list(dict.fromkeys(_peer_id_of_maddr(m) for m in config.host.initial_peers))
-        deadline = time.perf_counter() + timeout
+        deadline = time.perf_counter() + (timeout if wanted is None else min(timeout, HELLO_FALLBACK_S))
         answered = asyncio.Event()
         replies = await asyncio.gather(
             *(_hello_with_retries(host, p, wanted, deadline, answered) for p in peer_ids), return_exceptions=True
         )
-        hellos, failures = [], []
+        hellos: list[Hello] = []
+        failures: dict[str, BaseException] = {}
         for peer_id, reply in zip(peer_ids, replies, strict=True):
-            if isinstance(reply, Exception):  # unreachable, timed out, or spoke garbage
-                failures.append(f"{short_peer_id(peer_id)}: {reply or type(reply).__name__}")
+            if isinstance(reply, Exception):  # unreachable, timed out, no hello protocol, or spoke garbage
+                failures[peer_id] = reply
                 logger.info("[%s] entry peer %s did not answer hello: %r", host.short_id, short_peer_id(peer_id), reply)
             elif isinstance(reply, BaseException):
                 raise reply
             else:
                 hellos.append(reply)
         if not hellos:
-            raise PeerUnreachableError(
-                f"none of the initial peers answered ({'; '.join(failures)}): {', '.join(config.host.initial_peers)}"
-            )
+            return [], failures
         swarms = {h.swarm for h in hellos}
         if wanted is not None and swarms != {wanted}:
             other = next(h for h in hellos if h.swarm != wanted)
@@ -229,7 +285,7 @@ class SwarmPeer:
             )
         if len(swarms) > 1:
             raise SwarmMismatchError(f"the initial peers belong to different swarms: {sorted(swarms)}")
-        return hellos
+        return hellos, failures
 
     async def _join(self) -> None:
         assert self.dht is not None

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 
 import pytest
 
+from legion_swarm.config import HostConfig
 from legion_swarm.sim import start_process, stop_process
-from tests.helpers.processes import run_cli
+from legion_swarm.transport.host import Host
+from tests.helpers.processes import plain_dht_node, run_cli
 
 pytestmark = [pytest.mark.usefixtures("real_processes"), pytest.mark.timeout(120)]
 PEER = "/ip4/127.0.0.1/tcp/{port}/p2p/QmdtW6xneAJGp1wtT5edc5K73XWU2uWXhNoEV1vFStwsWt"
@@ -89,3 +94,45 @@ async def test_wrong_swarm_name_and_debug_traceback() -> None:
         assert "Traceback" in result.stderr  # --debug shows where it came from
     finally:
         assert await stop_process(boot) == 0
+
+
+@contextlib.asynccontextmanager
+async def silent_tcp_port() -> AsyncIterator[str]:
+    """A TCP port that accepts connections and says nothing: no libp2p behind it."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    try:
+        yield PEER.format(port=server.sockets[0].getsockname()[1])
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def daemon_without_dht() -> AsyncIterator[str]:
+    """A bare libp2p daemon: it answers dials, but serves neither legion's hello nor hivemind's DHT."""
+    async with await Host.create(HostConfig(host="127.0.0.1")) as host:
+        yield (await host.maddrs())[0]
+
+
+@pytest.mark.parametrize("entry", [silent_tcp_port, daemon_without_dht], ids=["tcp-no-libp2p", "libp2p-no-dht"])
+@pytest.mark.parametrize("command", ["join", "status"])
+async def test_an_entry_speaking_neither_hello_nor_dht_exits_1_within_15_seconds(entry, command: str) -> None:
+    listen = ("--host", "127.0.0.1", "--no-train") if command == "join" else ()
+    async with entry() as maddr:
+        result = await run_cli(command, "--peer", maddr, "--swarm", "x", *listen, timeout=30)
+    assert_one_line_error(result, 1, "initial peers")
+    assert result.seconds < 15
+
+
+async def test_a_plain_dht_entry_needs_swarm() -> None:
+    async with plain_dht_node() as entry:
+        for args in (["status"], ["join", "--host", "127.0.0.1", "--no-train"]):
+            result = await run_cli(*args, "--peer", entry, timeout=30)
+            assert_one_line_error(result, 2, "--swarm", "not the legion hello")

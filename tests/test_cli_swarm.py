@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -11,10 +12,10 @@ import time
 import pytest
 
 from legion_swarm.config import DHTConfig
-from legion_swarm.sim import LocalSwarm, pid_alive, start_process, stop_process
+from legion_swarm.sim import LocalSwarm, pid_alive, start_process, stop_process, threads_per_peer
 from tests.helpers.polling import eventually
-from tests.helpers.processes import run_cli
-from tests.helpers.swarm import observer
+from tests.helpers.processes import plain_dht_node, run_cli
+from tests.helpers.swarm import FAST, observer
 
 pytestmark = [pytest.mark.usefixtures("real_processes"), pytest.mark.timeout(180)]
 HEARTBEAT = 1.0
@@ -148,3 +149,34 @@ async def test_status_table_renders_members() -> None:
         assert "1 peers alive" in result.stdout
     finally:
         await stop_process(boot)
+
+
+async def test_a_plain_hivemind_dht_node_is_enough_as_entry_peer() -> None:
+    """A stock ``hivemind-dht`` node, which speaks the DHT but not our hello, is the only address anyone is given:
+    the bootstrap links up through it and publishes the signed config, two joiners find the swarm's members and
+    config through it alone and train together, and ``status`` through it lists them."""
+    async with plain_dht_node() as entry:
+        swarm = LocalSwarm(
+            "plain", HEARTBEAT, (), bootstrap_args=("--peer", entry, "--mode", "sync", *FAST),
+            peer_args=("--rounds", "400", *threads_per_peer(2)),
+        )  # fmt: skip
+        async with swarm:
+            await swarm.start_bootstrap()
+            joiners = await asyncio.gather(swarm.add_peer(entry=entry), swarm.add_peer(entry=entry))
+            want = {p.peer_id for p in joiners}
+
+            async def trained_together() -> dict | None:
+                result = await run_cli("status", "--peer", entry, "--swarm", "plain", "--json", timeout=30)
+                assert result.code == 0, result.stderr
+                peers = {p["peer_id"]: p for p in json.loads(result.stdout)["peers"]}
+                ok = want <= set(peers) and all(
+                    (peers[pid]["round"] or 0) >= 2 and (peers[pid]["bytes_received"] or 0) > 0 for pid in want
+                )  # fmt: skip
+                return peers if ok else None
+
+            peers = await eventually(trained_together, timeout=150, interval=1.0)
+            assert set(peers) == want | {swarm.bootstrap.peer_id}
+            assert peers[swarm.bootstrap.peer_id]["role"] == "bootstrap"
+            for joiner in joiners:
+                assert joiner.running, joiner.tail()
+                assert "through the DHT alone" in "\n".join(joiner.output)  # no hello: the fallback was taken

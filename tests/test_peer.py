@@ -10,10 +10,13 @@ import msgpack
 import pytest
 from hivemind.dht.routing import DHTID
 
-from legion_swarm.dht.node import dht_time
+from legion_swarm.config import DHTConfig
+from legion_swarm.dht.membership import HELLO_PROTOCOL
+from legion_swarm.dht.node import SwarmDHT, dht_time
 from legion_swarm.dht.records import peers_key
 from legion_swarm.errors import AddressInUseError, PeerUnreachableError, SwarmMismatchError
-from legion_swarm.peer import SwarmPeer
+from legion_swarm.peer import HELLO_FALLBACK_S, SwarmPeer
+from legion_swarm.transport.host import Host
 from tests.helpers.polling import eventually
 from tests.helpers.swarm import HEARTBEAT, config, members, observer, until_members
 
@@ -210,3 +213,33 @@ async def test_members_all_reduce_through_the_endpoints_they_published(swarm, pl
     for r, result in enumerate(results):
         assert result.complete and set(result.planes.values()) == {plane}
         assert torch.equal(work[r][0], expected[0])
+
+
+async def test_an_entry_whose_hello_hangs_is_joined_through_the_dht_after_the_fallback(swarm) -> None:
+    """With the swarm named, hello is only the fast path: an entry peer that takes the hello stream and never
+    answers costs HELLO_FALLBACK_S, then the join goes on through the DHT it does speak."""
+    boot, peers = swarm
+    host = await Host.create(config(boot.maddrs[0]).host)
+    release = asyncio.Event()
+
+    async def hang(stream_info, reader, writer) -> None:
+        await release.wait()
+        writer.close()
+
+    try:
+        dht = await SwarmDHT.create(host, DHTConfig(wait_timeout_s=2))
+        try:
+            await host.add_stream_handler(HELLO_PROTOCOL, hang)
+            started = time.monotonic()
+            peer = await SwarmPeer.create(config((await host.maddrs())[0]))
+            try:
+                assert HELLO_FALLBACK_S <= time.monotonic() - started < peer.config.join_timeout_s
+                assert peer.swarm == "t" and peer.entry_hellos == []
+                await until_members(peer, boot, *peers, peer)
+            finally:
+                await peer.aclose()
+        finally:
+            release.set()
+            await dht.aclose()
+    finally:
+        await host.aclose()

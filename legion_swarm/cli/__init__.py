@@ -197,7 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("join", parents=[common], help="join a swarm through any of its peers")
     _peer_flag(p, "full multiaddr of a swarm member, /ip4/A/tcp/P/p2p/ID (repeatable)", required=True)
-    p.add_argument("--swarm", type=_swarm_name, help="swarm to join (default: the entry peer's swarm)")
+    p.add_argument(
+        "--swarm", type=_swarm_name,
+        help="swarm to join (default: the entry peer's swarm; required through a plain hivemind DHT node)",
+    )  # fmt: skip
     listening(p, 0)
     add_spec_flags(p, creator=False)
     p.add_argument("--rounds", type=_checked(_positive_int, "count"), help="stop after training this many rounds")
@@ -238,7 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", parents=[common], help="show a swarm's members (never joins as a member)")
     _peer_flag(p, "full multiaddr of a swarm member (repeatable)", required=True)
-    p.add_argument("--swarm", type=_swarm_name, help="swarm to show (default: the entry peer's swarm)")
+    p.add_argument(
+        "--swarm", type=_swarm_name,
+        help="swarm to show (default: the entry peer's swarm; required through a plain hivemind DHT node)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     _seconds(p, "--watch", None, "refresh every SECONDS until Ctrl+C")
 

@@ -4,7 +4,8 @@ The creator (``legion-swarm bootstrap --config swarm.toml``) signs the canonical
 its identity key and stores it in the DHT under ``legion/<swarm>/config``. Every training member stores a
 copy of the same signed bytes under its own subkey, so the config outlives the creator. A joiner learns the
 config hash from its entry peer's hello, reads the copies, keeps one whose creator signature verifies and
-whose hash matches, and refuses to train with a conflicting local setting (:class:`SwarmConfigError`).
+whose hash matches (a joiner whose entry peer spoke no hello, e.g. a plain hivemind DHT node, keeps the copy most
+members serve), and refuses to train with a conflicting local setting (:class:`SwarmConfigError`).
 One object per peer owns all of that: :class:`SwarmConfigKeeper` fetches the config, names its digest in the
 peer's hello and republishes the peer's copy from a task it cancels and awaits on close.
 

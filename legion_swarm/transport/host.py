@@ -29,7 +29,7 @@ from hivemind.proto import p2pd_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
 from legion_swarm.config import HostConfig
-from legion_swarm.errors import AddressInUseError, NetworkError, PeerUnreachableError, ProtocolError
+from legion_swarm.errors import AddressInUseError, NetworkError, PeerUnreachableError, UnsupportedProtocolError
 from legion_swarm.transport.identity import Identity, decode_key_message, short_peer_id
 from legion_swarm.transport.netsim import NetSim, Shaper
 
@@ -240,7 +240,7 @@ class Host:
 
     async def open_stream(self, peer_id: str, protocol: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A new stream to ``peer_id`` speaking ``protocol``: :class:`PeerUnreachableError` if it cannot be
-        dialled, :class:`ProtocolError` if it does not serve ``protocol``.
+        dialled, :class:`UnsupportedProtocolError` (a :class:`ProtocolError`) if it does not serve ``protocol``.
 
         hivemind's ``stream_open``, but closing its daemon connection when it fails or is cancelled (hivemind's
         leaves it to the garbage collector, and the daemon may still open the stream to the peer)."""
@@ -254,7 +254,7 @@ class Host:
             reason = str(e).removeprefix("Connect failed. msg=")
             failure = f"cannot open {protocol} to {short_peer_id(peer_id)}: {reason}"
             if "protocols not supported" in reason:  # reached, but it does not serve this protocol
-                raise ProtocolError(failure) from None
+                raise UnsupportedProtocolError(failure) from None
             raise PeerUnreachableError(failure) from None
         except (asyncio.IncompleteReadError, ConnectionError) as e:
             raise PeerUnreachableError(f"p2pd connection failed while opening {protocol}: {e!r}") from None

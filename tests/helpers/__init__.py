@@ -1,7 +1,7 @@
 """What the test modules share, so that no test module imports another.
 
 - :mod:`tests.helpers.processes`: which processes this test run started, the guard that keeps unit tests from
-  starting any, and running the CLI as a child process;
+  starting any, running the CLI as a child process, and a stock ``hivemind-dht`` node;
 - :mod:`tests.helpers.polling`: waiting for a condition;
 - :mod:`tests.helpers.swarm`: peer configs, observers and fast CLI training flags for tests on real peers;
 - :mod:`tests.helpers.collectives`: data planes in this process and the fast collective timeouts;

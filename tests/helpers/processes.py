@@ -1,4 +1,5 @@
-"""Processes a test starts: which are still running, a guard that refuses to start any, and CLI runs.
+"""Processes a test starts: which are still running, a guard that refuses to start any, CLI runs, and a stock
+hivemind DHT node.
 
 A unit test (one not marked ``integration``) must start no process at all: no ``p2pd``, no worker, no CLI run.
 :class:`ProcessGuard` enforces that from inside this process by wrapping every way to start one that the tests
@@ -13,10 +14,14 @@ import asyncio
 import contextlib
 import multiprocessing.process
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,3 +154,54 @@ async def run_cli(*args: str, timeout: float = 60.0) -> CliResult:
         await proc.wait()
         raise AssertionError(f"legion-swarm {' '.join(args)} did not finish in {timeout} s") from None
     return CliResult(proc.returncode or 0, out.decode(), err.decode(), time.monotonic() - started)
+
+
+_INITIAL_PEERS_RE = re.compile(r"--initial_peers (/ip4/\S+/tcp/\d+/p2p/\w+)")
+
+
+@contextlib.asynccontextmanager
+async def plain_dht_node(*, ready_timeout: float = 60.0) -> AsyncIterator[str]:
+    """A stock hivemind DHT node: hivemind's own ``hivemind-dht`` console script on 127.0.0.1, port 0. It speaks
+    the DHT but not legion's hello. Yields its multiaddr; on the way out it is stopped with SIGTERM and it, its
+    DHT process and its ``p2pd`` are killed if still there after 10 s."""
+    script = shutil.which("hivemind-dht", path=os.path.dirname(sys.executable))
+    argv = [script] if script else [sys.executable, "-m", "hivemind.hivemind_cli.run_dht"]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, "--host_maddrs", "/ip4/127.0.0.1/tcp/0",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    output: deque[str] = deque(maxlen=200)
+    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def drain() -> None:  # a full pipe would block the node
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            output.append(line)
+            match = _INITIAL_PEERS_RE.search(line)
+            if match and not ready.done():
+                ready.set_result(match.group(1))
+
+    draining = asyncio.create_task(drain(), name="drain-hivemind-dht")
+    tree: set[int] = set()
+    try:
+        done, _ = await asyncio.wait({ready, draining}, timeout=ready_timeout, return_when=asyncio.FIRST_COMPLETED)
+        if ready not in done:
+            raise AssertionError("hivemind-dht printed no address:\n" + "\n".join(output))
+        tree = descendants(proc.pid)  # its DHT process and p2pd, for the kill below
+        yield ready.result()
+    finally:
+        tree |= descendants(proc.pid)
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        for pid in tree:  # what its shutdown left behind, if anything
+            if pid_alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(draining, 2)
