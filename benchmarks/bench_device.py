@@ -52,6 +52,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30, help="timed steps per measurement (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=2, help="alternating measurements each (default: %(default)s)")
+    p.add_argument("--precisions", default=",".join(PRECISIONS), help="to measure (default: %(default)s)")
     p.add_argument("--measure", nargs=3, metavar=("LOOP", "DEVICE", "PRECISION"), help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -168,7 +169,7 @@ def main() -> int:
     results = []
     for name in available_devices():
         device = torch.device(name)
-        for precision in PRECISIONS:
+        for precision in ARGS.precisions.split(","):
             if not supported(device, precision):
                 results.append({"device": name, "precision": precision, "supported": False})
                 continue

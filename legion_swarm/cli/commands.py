@@ -285,6 +285,7 @@ async def simulate(args: argparse.Namespace) -> int:
                     if summaries[p.name] is None:
                         logger.warning("%s did not finish its rounds (exit code %s):\n%s", p.name, p.proc.returncode,
                                        p.tail(25))  # fmt: skip
+                stdout.print(f"{seen - 1}/{args.peers} peers joined in {joined_s:.1f} s")
                 stdout.print(loss_table(summaries))
                 trained_ok = all(
                     s is not None and (name in restarted or s["loss"] < s["first_loss"])
@@ -294,8 +295,9 @@ async def simulate(args: argparse.Namespace) -> int:
                     stdout.print(
                         f"churn: {len(killed)} peers killed with SIGKILL, {len(restarted)} restarted as the same peer"
                     )
+            if args.no_train:
+                stdout.print(f"{seen - 1}/{args.peers} peers joined in {joined_s:.1f} s")
             stdout.print(status_table(view, width=stdout.width))
-            stdout.print(f"{seen - 1}/{args.peers} peers joined in {joined_s:.1f} s")
             if args.duration > 0:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), args.duration)
