@@ -2,8 +2,9 @@
 same device, measured in one run.
 
 - **ours**: a ``diloco`` mode (:class:`~legion_swarm.train.modes.DiLoCoMode`) on a
-  :class:`~legion_swarm.train.device.Placement`: its inner steps on the compute thread, under autocast, with the
-  swarm's AdamW and gradient clipping, batches moved to the device, exactly as a peer runs between rounds.
+  :class:`~legion_swarm.train.device.Placement`: its inner steps back to back in one call on the compute thread,
+  under autocast, with the swarm's AdamW and gradient clipping, batches moved to the device, as a peer runs a
+  round's local work.
 - **torch**: the loop a user would write: the model on the device, ``torch.optim.AdamW`` (torch's default
   implementation for the device), ``torch.autocast`` and, for fp16, ``torch.amp.GradScaler``, on the calling
   thread.
@@ -108,14 +109,18 @@ async def our_loop(config: ModelConfig, train: TrainConfig, device: torch.device
         model = build_model(config).to(device)
         mode = DiLoCoMode(model, Collectives(plane, CollectiveConfig()), train, compute=compute, placement=placement)
         warmup, timed = data[: ARGS.warmup], data[ARGS.warmup :]
-        for batch in warmup:
-            await mode.local_step(batch)
-        placement.synchronize()
-        started = time.perf_counter()
-        for batch in timed:
-            await mode.local_step(batch)
-        placement.synchronize()
-        return time.perf_counter() - started
+
+        def steps() -> float:  # as the trainer runs a round's local work: back to back on the compute thread
+            for batch in warmup:
+                mode.compute_step(batch)
+            placement.synchronize()
+            started = time.perf_counter()
+            for batch in timed:
+                mode.compute_step(batch)
+            placement.synchronize()
+            return time.perf_counter() - started
+
+        return await compute.run(steps)
     finally:
         compute.close()
         await plane.aclose()

@@ -95,13 +95,20 @@ def solo(args: argparse.Namespace) -> dict[str, Any]:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         inner.step()
 
+    def loop(compute: Compute) -> int:  # back to back on the compute thread, throttled per step, as a peer
+        steps, started = 0, time.perf_counter()
+        while time.perf_counter() - started < args.solo_seconds:
+            began = time.perf_counter()
+            step(next(reader))
+            compute.pause(time.perf_counter() - began)
+            steps += 1
+        return steps
+
     async def run() -> dict[str, Any]:
         compute = Compute(speed=args.solo)
-        steps, started = 0, time.perf_counter()
+        started = time.perf_counter()
         try:
-            while time.perf_counter() - started < args.solo_seconds:
-                await compute.run(step, next(reader))
-                steps += 1
+            steps = await compute.run(loop, compute, throttled=False)
         finally:
             compute.close()
         seconds = time.perf_counter() - started

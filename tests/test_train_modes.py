@@ -195,6 +195,9 @@ class ToyMode:
         return 2
 
     async def local_step(self, batch: Batch) -> float:
+        return self.compute_step(batch)
+
+    def compute_step(self, batch: Batch) -> float:
         self.model.zero_grad(set_to_none=False)
         loss = forward_backward(self.model, batch)
         with torch.no_grad():

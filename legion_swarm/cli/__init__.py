@@ -89,6 +89,12 @@ def _nice(text: str) -> int:
     return int(text)
 
 
+def _metrics_port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError(f"expected a port in 1-65535, got {text!r}")
+    return int(text)
+
+
 def _device(text: str) -> str:
     if text.strip().lower() in ("auto", "cpu"):
         return text.strip().lower()  # always valid: no torch import while the arguments parse
@@ -188,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
         _seconds(p, "--heartbeat", 5.0, "seconds between record refreshes; a dead peer vanishes in ~3 (default: 5)")
         _seconds(p, "--report-every", 30.0, "log the swarm size this often (default: 30)")
         _seconds(p, "--probe-interval", 10.0, "seconds between RTT probe rounds (a few pings each; default: 10)")
+        p.add_argument(
+            "--metrics-port", metavar="N", type=_checked(_metrics_port, "port"),
+            help="serve Prometheus metrics on http://HOST:N/metrics (default: off)",
+        )  # fmt: skip
 
     p = sub.add_parser("bootstrap", parents=[common], help="run a stable entry node for a swarm")
     p.add_argument("--swarm", type=_swarm_name, default=DEFAULT_SWARM, help="swarm name (default: %(default)s)")

@@ -119,12 +119,26 @@ async def serve(args: argparse.Namespace, role: str, command: str) -> int:
     stop = install_stop_signals()
     config = peer_config(args, role=role)
     spec = train.spec_from_args(args) if role == "bootstrap" else None  # bad config: fail before any daemon
-    peer = await until_stopped(SwarmPeer.create(config), stop)
+    metrics = None
+    if args.metrics_port is not None:
+        from legion_swarm.cli.metrics import MetricsServer
+
+        metrics = MetricsServer(args.metrics_port, host=args.host)
+        metrics.start()  # a port in use: exit 2 before any daemon starts
+    try:
+        peer = await until_stopped(SwarmPeer.create(config), stop)
+    except BaseException:
+        if metrics is not None:
+            await metrics.aclose()
+        raise
     if peer is None:
+        if metrics is not None:
+            await metrics.aclose()
         return 130
     from legion_swarm.train.swarm_config import SignedSpec, SwarmConfigKeeper
 
     keeper = SwarmConfigKeeper(peer, every_s=max(args.heartbeat, 5.0))
+    node = metrics.attach(peer, role) if metrics is not None else None
     try:
         print_addresses(command, peer)
         if spec is not None:
@@ -132,7 +146,7 @@ async def serve(args: argparse.Namespace, role: str, command: str) -> int:
             logger.info("[%s] swarm config %s: %s", peer.tag, signed.digest.hex()[:12], spec.to_dict())
             keeper.hold(signed)
         if role == "peer" and not args.no_train:
-            trained = await until_stopped(train.train(peer, args, stdout, keeper), stop)
+            trained = await until_stopped(train.train(peer, args, stdout, keeper, node), stop)
             return 0 if trained is not None else 130
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
@@ -145,6 +159,8 @@ async def serve(args: argparse.Namespace, role: str, command: str) -> int:
                 else:
                     logger.info("[%s] swarm %r: %d peers alive", peer.tag, peer.swarm, len(view.members))
     finally:
+        if metrics is not None:
+            await metrics.aclose()
         await keeper.aclose()
         await peer.aclose()
     return 0

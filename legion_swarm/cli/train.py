@@ -123,7 +123,7 @@ def summary_json(trainer: Any, seconds: float) -> str:
     })  # fmt: skip
 
 
-async def train(peer: Any, args: argparse.Namespace, console: Console, keeper: Any) -> Any:
+async def train(peer: Any, args: argparse.Namespace, console: Console, keeper: Any, metrics: Any = None) -> Any:
     """Fetch the swarm's config, check local flags against it, and train until ``--rounds`` or cancelled;
     ``keeper`` (the peer's :class:`SwarmConfigKeeper`) serves the config from then on."""
     from legion_swarm.train.loop import LoopConfig, SwarmTrainer
@@ -146,6 +146,8 @@ async def train(peer: Any, args: argparse.Namespace, console: Console, keeper: A
         checkpoints=schedule,
     )  # fmt: skip
     trainer = await SwarmTrainer.create(peer, signed, config)
+    if metrics is not None:
+        metrics.trainer = trainer
     if args.resume:
         from legion_swarm.train.checkpoint import load_checkpoint
 

@@ -50,6 +50,12 @@ class Compute:
             call = functools.partial(_throttled, call, 1 / self.speed - 1)
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
+    def pause(self, took: float) -> None:
+        """On the compute thread, after work that took ``took`` seconds: the throttle's sleep (none at speed 1),
+        for callers that run many steps in one :meth:`run` (``run(..., throttled=False)``)."""
+        if self.speed < 1:
+            time.sleep(took * (1 / self.speed - 1))
+
     def close(self) -> None:
         """Let a running call finish in the background; no new calls."""
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -124,7 +124,12 @@ class TrainingMode(Protocol):
         ...
 
     async def local_step(self, batch: Batch) -> float:
-        """One step of local work on ``batch``; returns the loss."""
+        """One step of local work on ``batch``, off the event loop; returns the loss."""
+        ...
+
+    def compute_step(self, batch: Batch) -> float:
+        """The same step on the calling thread (the training loop runs a round's local work as one call on its
+        compute thread: handing each step to the thread separately costs a quarter of the speed on CPU)."""
         ...
 
     def my_range(self, layout: GroupInfo | Layout) -> tuple[int, int]:
@@ -327,6 +332,9 @@ class SyncMode(_ShardedMode):
     async def local_step(self, batch: Batch) -> float:
         return await self.backward(batch)
 
+    def compute_step(self, batch: Batch) -> float:
+        return self._backward(batch)
+
     async def _round(
         self, layout: GroupInfo | Layout, handed: Sequence[StateSlice], faults: FaultPlan | None
     ) -> RoundOutcome:
@@ -425,6 +433,9 @@ class DiLoCoMode(_ShardedMode):
 
     async def local_step(self, batch: Batch) -> float:
         return await self.inner_step(batch)
+
+    def compute_step(self, batch: Batch) -> float:
+        return self._inner_step(batch)
 
     async def _round(
         self, layout: GroupInfo | Layout, handed: Sequence[StateSlice], faults: FaultPlan | None
