@@ -150,7 +150,7 @@ async def run_swarm(name: str, bootstrap_args: list[str], per_peer: list[tuple[s
                 return {"failure": f"{crashed[0].name} exited with {crashed[0].proc.returncode}",
                         "tail": crashed[0].tail(20)}  # fmt: skip
             await asyncio.sleep(1.0)
-        summaries = [p.trained() for p in swarm.peers]
+        summaries = [p.trained() for p in sorted(swarm.peers, key=lambda p: p.name)]  # peer i got per_peer[i]
     if any(s is None for s in summaries):
         return {"failure": "a peer finished without a summary"}
     return {"failure": None, "summaries": summaries, "wall_s": round(time.perf_counter() - started, 1)}
