@@ -79,3 +79,18 @@ async def test_a_member_too_slow_for_fixed_rounds_keeps_its_work_and_never_exits
     assert slow["resyncs"] >= 1, slow  # it was late at least once...
     assert "samples of local work" in slow_log  # ...kept its work ("keeping N samples of local work")...
     assert all(size == 3 for size in slow["group_sizes"]), slow  # ...and contributed it with the others
+
+
+async def test_rounds_by_samples_share_the_swarms_target_among_its_members() -> None:
+    """``--train-round-samples 160``: each round's local work, summed over the members, is about 160 samples,
+    however high the step cap, from the first round on (before any rate is published, a member assumes the
+    others compute at its own rate)."""
+    rounds, target = 3, 160
+    spec = ("--mode", "diloco", "--train-round-samples", str(target), "--inner-steps", "1000", *FAST)
+    async with await LocalSwarm.create(
+        2, swarm="bysamples", bootstrap_args=spec, peer_args=("--rounds", str(rounds), "--threads", "1")
+    ) as swarm:
+        summaries = await trained(sorted(swarm.peers, key=lambda p: p.name), timeout=240)
+    assert all(s["rounds_committed"] == rounds and s["samples_dropped"] == 0 for s in summaries), summaries
+    per_round = sum(s["samples"] for s in summaries) / rounds
+    assert 0.5 * target <= per_round <= 1.5 * target, (per_round, summaries)

@@ -473,6 +473,8 @@ class SwarmTrainer(StateSource):
             self.progress.samples_per_s = self.spec.data.batch_size / max(self._step_s, 1e-9)
             self.progress.step += 1
             self._steps_pending += 1
+            if deadline is None and self.spec.train.round_samples is not None:
+                deadline = self._deadline()  # by samples: known once this member has a rate (its first step)
         return False
 
     async def _watch_asks(self, cut: threading.Event) -> None:
@@ -485,10 +487,14 @@ class SwarmTrainer(StateSource):
 
     def _deadline(self) -> float | None:
         """When this round's local work ends on the round clock (``perf_counter``), or None for a round by steps
-        (or by samples before any member's compute rate is known)."""
+        (or by samples before this member's first step). A member of the view whose rate is not published yet
+        counts at this member's rate. Safe on the compute thread: it only reads what the event loop replaces."""
         rates = dict(self._rates)
-        if self.progress.samples_per_s is not None:
-            rates[self.peer.peer_id] = self.progress.samples_per_s
+        own = self.progress.samples_per_s
+        if own is not None:
+            rates[self.peer.peer_id] = own
+            for peer_id in self._view:
+                rates.setdefault(peer_id, own)
         budget = round_budget_s(self.spec.train, rates.values())
         return None if budget is None else self._clock + budget
 
