@@ -11,7 +11,8 @@ import torch
 
 from legion_swarm.config import DataConfig, ModelConfig, TrainConfig
 from legion_swarm.errors import SwarmConfigError
-from legion_swarm.sim import LocalSwarm
+from legion_swarm.peer import SwarmPeer
+from legion_swarm.sim import LocalSwarm, PeerProcess
 from legion_swarm.train.checkpoint import (
     Checkpoint,
     CheckpointSchedule,
@@ -45,6 +46,20 @@ def numel_of(spec: SwarmSpec) -> int:
     from legion_swarm.train.model import build_model
 
     return sum(p.numel() for p in build_model(spec.model).parameters())
+
+
+async def in_step_past(obs: SwarmPeer, resumed: PeerProcess, fresh: PeerProcess, round_: int) -> None:
+    """Until the resumed peer and the fresh one hold the same parameters (SHA-256) at one round past ``round_``."""
+
+    async def same_state_past() -> bool:
+        a, b = await asyncio.gather(
+            fetch_meta(obs.host, resumed.peer_id), fetch_meta(obs.host, fresh.peer_id), return_exceptions=True
+        )
+        if isinstance(a, BaseException) or isinstance(b, BaseException):
+            return False
+        return a.round == b.round and a.round > round_ and a.sha256 == b.sha256
+
+    await eventually(same_state_past, timeout=120, interval=0.3)
 
 
 def test_checkpoint_round_trip_and_corruption(tmp_path) -> None:
@@ -100,16 +115,7 @@ async def test_export_from_a_running_swarm_and_resume_a_new_swarm_from_it(tmp_pa
         fresh = await swarm.add_peer(args=("--rounds", "400"))
         assert swarm.bootstrap is not None
         async with observer(swarm.bootstrap.maddr, swarm="ckpt2") as obs:
-
-            async def same_state_past_the_checkpoint() -> bool:
-                a, b = await asyncio.gather(
-                    fetch_meta(obs.host, resumed.peer_id), fetch_meta(obs.host, fresh.peer_id), return_exceptions=True
-                )
-                if isinstance(a, BaseException) or isinstance(b, BaseException):
-                    return False
-                return a.round == b.round and a.round > ckpt.round and a.sha256 == b.sha256
-
-            await eventually(same_state_past_the_checkpoint, timeout=120, interval=0.3)
+            await in_step_past(obs, resumed, fresh, ckpt.round)
         assert "resumed from a checkpoint of round" in resumed.tail(400)
 
 
@@ -159,14 +165,5 @@ async def test_a_swarm_whose_every_peer_died_restarts_from_its_periodic_checkpoi
         fresh = await swarm.add_peer(args=("--rounds", "400"))
         assert swarm.bootstrap is not None
         async with observer(swarm.bootstrap.maddr, swarm="periodic2") as obs:
-
-            async def continued_from_the_checkpoint() -> bool:
-                a, b = await asyncio.gather(
-                    fetch_meta(obs.host, resumed.peer_id), fetch_meta(obs.host, fresh.peer_id), return_exceptions=True
-                )
-                if isinstance(a, BaseException) or isinstance(b, BaseException):
-                    return False
-                return a.round == b.round and a.round > last.round and a.sha256 == b.sha256
-
-            await eventually(continued_from_the_checkpoint, timeout=120, interval=0.3)
+            await in_step_past(obs, resumed, fresh, last.round)
         assert f"resumed from a checkpoint of round {last.round}" in resumed.tail(400)

@@ -7,26 +7,17 @@ a CUDA build). MPS (macOS) runs the same code path but is not tested here: no ma
 
 from __future__ import annotations
 
-import asyncio
-import os
-
 import pytest
 import torch
 
 from legion_swarm.collectives import Collectives
 from legion_swarm.config import CollectiveConfig, TrainConfig
-from legion_swarm.groups import GroupInfo, GroupMember
 from legion_swarm.train.device import Placement
 from legion_swarm.train.modes import DiLoCoMode, SyncMode
 from tests.helpers.collectives import FAST, planes
-from tests.helpers.training import TinyLM, batches, flat
+from tests.helpers.training import TinyLM, flat, rounds_hold_the_same_bits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
-
-
-def group_of(ps) -> GroupInfo:
-    members = tuple(GroupMember(peer_id=p.identity.peer_id, direct=p.endpoint) for p in ps)
-    return GroupInfo(round_id=os.urandom(8), members=members)
 
 
 @pytest.mark.parametrize("cls", [DiLoCoMode, SyncMode])
@@ -46,19 +37,8 @@ async def test_gpu_and_cpu_peers_hold_the_same_bits_after_each_round(cls: type) 
             for m, p, pl in zip(models, ps, placements, strict=True)
         ]
         assert all(next(m.parameters()).device.type == pl.device.type for m, pl in zip(models, placements, strict=True))
-        for k in range(3):
-            for r, mode in enumerate(modes):
-                for batch in batches(mode.local_steps, seed=100 * k + r):
-                    await mode.local_step(batch)
-            group = group_of(ps)
-            outcomes = await asyncio.gather(*(mode.round(group) for mode in modes))
-            assert all(o.result.complete and o.in_sync for o in outcomes)
-            states = [torch.cat([t.reshape(-1) for t in mode.state_tensors()]) for mode in modes]
-            for s in states[1:]:
-                assert torch.equal(s, states[0])
-            for model in models:
-                assert torch.equal(flat(model).cpu(), states[0])
-    assert not torch.equal(states[0], flat(TinyLM()))
+        state = await rounds_hold_the_same_bits(modes, ps, models)
+    assert not torch.equal(state, flat(TinyLM()))
 
 
 @pytest.mark.integration

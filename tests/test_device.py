@@ -4,8 +4,6 @@ round between real data planes. ``tests/test_cuda.py`` runs the same checks on a
 
 from __future__ import annotations
 
-import asyncio
-import os
 import time
 
 import pytest
@@ -14,7 +12,6 @@ import torch
 from legion_swarm.collectives import Collectives
 from legion_swarm.config import CollectiveConfig, TrainConfig
 from legion_swarm.errors import ConfigError
-from legion_swarm.groups import GroupInfo, GroupMember
 from legion_swarm.train.compute import Compute
 from legion_swarm.train.device import (
     LossScaler,
@@ -27,14 +24,9 @@ from legion_swarm.train.device import (
 from legion_swarm.train.loop import bandwidth_level, round_budget_s
 from legion_swarm.train.modes import DiLoCoMode, SyncMode, trainable
 from tests.helpers.collectives import FAST, planes
-from tests.helpers.training import TinyLM, batches, flat
+from tests.helpers.training import TinyLM, batches, flat, rounds_hold_the_same_bits
 
 CPU = torch.device("cpu")
-
-
-def group_of(ps) -> GroupInfo:
-    members = tuple(GroupMember(peer_id=p.identity.peer_id, direct=p.endpoint) for p in ps)
-    return GroupInfo(round_id=os.urandom(8), members=members)
 
 
 def test_devices_resolve_or_name_what_the_machine_has() -> None:
@@ -136,20 +128,8 @@ async def test_peers_of_different_precisions_hold_the_same_bits_after_each_round
             cls(m, Collectives(p, CollectiveConfig(codec="none", **FAST)), config, placement=Placement(CPU, prec))
             for m, p, prec in zip(models, ps, precisions, strict=True)
         ]
-        for k in range(3):
-            for r, mode in enumerate(modes):
-                for batch in batches(mode.local_steps, seed=100 * k + r):
-                    await mode.local_step(batch)
-            group = group_of(ps)
-            outcomes = await asyncio.gather(*(mode.round(group) for mode in modes))
-            assert all(o.result.complete and o.in_sync for o in outcomes)
-            states = [torch.cat([t.reshape(-1) for t in mode.state_tensors()]) for mode in modes]
-            for s in states[1:]:
-                assert torch.equal(s, states[0])
-            for model in models:
-                assert torch.equal(flat(model), states[0])
-            assert all(t.device == CPU and t.dtype == torch.float32 for mode in modes for t in mode.state_tensors())
-    assert not torch.equal(states[0], flat(TinyLM()))
+        state = await rounds_hold_the_same_bits(modes, ps, models)
+    assert not torch.equal(state, flat(TinyLM()))
 
 
 async def test_a_late_diloco_member_keeps_its_work_on_the_new_anchor() -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+
 import torch
 
 from legion_swarm.collectives import Collectives
 from legion_swarm.config import CollectiveConfig, TrainConfig
+from legion_swarm.groups import GroupInfo, GroupMember
 from legion_swarm.train.modes import trainable
 from legion_swarm.transport.dataplane import DataPlane
 from tests.helpers.collectives import FAST
@@ -56,3 +60,30 @@ def make_modes(cls: type, models: list[TinyLM], ps: list[DataPlane], codec: str,
 def flat(model: torch.nn.Module) -> torch.Tensor:
     """The trainable parameters as one 1-D tensor, to compare models bit for bit."""
     return torch.cat([p.detach().reshape(-1) for p in trainable(model)])
+
+
+def group_of(ps: list[DataPlane]) -> GroupInfo:
+    """One group of the data planes ``ps``, in their order, with a fresh round id."""
+    members = tuple(GroupMember(peer_id=p.identity.peer_id, direct=p.endpoint) for p in ps)
+    return GroupInfo(round_id=os.urandom(8), members=members)
+
+
+async def rounds_hold_the_same_bits(modes: list, ps: list[DataPlane], models: list, rounds: int = 3) -> torch.Tensor:
+    """``rounds`` rounds of every mode's local steps (different batches per member) and one group round; after
+    each, every member's state is the same float32 host tensor and every model (on any device) a copy of it.
+    Returns the final state, flattened."""
+    for k in range(rounds):
+        for r, mode in enumerate(modes):
+            for batch in batches(mode.local_steps, seed=100 * k + r):
+                await mode.local_step(batch)
+        group = group_of(ps)
+        outcomes = await asyncio.gather(*(mode.round(group) for mode in modes))
+        assert all(o.result.complete and o.in_sync for o in outcomes)
+        states = [torch.cat([t.reshape(-1) for t in mode.state_tensors()]) for mode in modes]
+        for s in states[1:]:
+            assert torch.equal(s, states[0])
+        for model in models:
+            assert torch.equal(flat(model).cpu(), states[0])
+        host = torch.device("cpu")
+        assert all(t.device == host and t.dtype == torch.float32 for mode in modes for t in mode.state_tensors())
+    return states[0]
